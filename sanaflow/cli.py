@@ -1,0 +1,71 @@
+"""`sanaflow` command line: a thin shell over the library (each command parses, calls one function, writes)."""
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from pathlib import Path
+
+import click
+
+
+@click.group()
+@click.version_option(package_name="sanaflow")
+def main() -> None:
+    """SANA text-to-image in plain PyTorch."""
+
+
+@main.command()
+@click.argument("prompt")
+@click.option("-o", "--out", type=click.Path(dir_okay=False, path_type=Path), default=Path("sanaflow.png"),
+              show_default=True, help="PNG to write; with --num-images N > 1, files OUT-0.png ... OUT-(N-1).png.")
+@click.option("--model", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
+              help="Local diffusers-format SANA folder (default: the bundled model).")
+@click.option("--steps", type=click.IntRange(min=1), default=20, show_default=True)
+@click.option("--guidance", type=float, default=4.5, show_default=True, help="Classifier-free guidance scale.")
+@click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True,
+              help="Seed of the first image; image i uses seed + i.")
+@click.option("--height", type=click.IntRange(min=32), default=None, help="Default: the model's native size.")
+@click.option("--width", type=click.IntRange(min=32), default=None, help="Default: the model's native size.")
+@click.option("--sampler", type=click.Choice(["dpm", "euler"]), default="dpm", show_default=True)
+@click.option("--num-images", type=click.IntRange(min=1), default=1, show_default=True)
+@click.option("--negative-prompt", default="", help="Text to steer away from.")
+@click.option("--dry-run", is_flag=True, help="Print the resolved request and exit.")
+def generate(prompt: str, out: Path, model: Path | None, steps: int, guidance: float, seed: int, height: int | None,
+             width: int | None, sampler: str, num_images: int, negative_prompt: str, dry_run: bool) -> None:
+    """Generate an image from PROMPT and write it as a PNG (parameters go into its text metadata)."""
+    import torch
+    from tqdm import tqdm
+    from .pipeline import GenerateRequest, Pipeline, load_default, save_png
+
+    start = time.perf_counter()
+    torch.set_grad_enabled(False)
+    pipe = Pipeline.from_pretrained(model) if model is not None else load_default()
+    if pipe.name == "random-small":
+        click.echo("note: no trained model is bundled with this version of sanaflow yet; using a small pipeline "
+                   "with RANDOM weights, so the image will be noise-like, not a picture of the prompt. "
+                   "Pass --model PATH to a local diffusers-format SANA folder for real images.", err=True)
+    size = pipe.native_size
+    try:
+        req = GenerateRequest(prompts=(prompt,), negative_prompt=negative_prompt, height=height or size,
+                              width=width or size, steps=steps, guidance=guidance, sampler=sampler,
+                              seeds=tuple(range(seed, seed + num_images)), images_per_prompt=num_images)
+    except ValueError as e:
+        raise click.BadParameter(str(e)) from e
+    if dry_run:
+        return click.echo(json.dumps({**dataclasses.asdict(req), "model": pipe.name}, indent=2))
+    with tqdm(total=steps, desc="sampling", unit="step", leave=False) as bar:
+        images = pipe.generate(req, callback=lambda i, n, x: bar.update(1))
+    paths = [out] if num_images == 1 else [out.with_name(f"{out.stem}-{i}{out.suffix or '.png'}")
+                                           for i in range(num_images)]
+    for image, path, s in zip(images, paths, req.seeds):
+        meta = {"prompt": prompt, "negative_prompt": negative_prompt, "steps": steps, "guidance": guidance,
+                "seed": s, "sampler": sampler, "height": req.height, "width": req.width, "model": pipe.name,
+                "software": "sanaflow"}
+        save_png(image, path, meta)
+        click.echo(f"wrote {path} ({req.width}x{req.height}, seed {s})")
+    click.echo(f"done in {time.perf_counter() - start:.1f} s", err=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,200 @@
+"""Prompt -> text embedding -> noise -> sampler -> DC-AE decode -> image (diffusers-interop §4).
+
+A `Pipeline` holds the three frozen networks and the flow shift; `generate` is the whole inference path.
+One seed per image: image i depends on seeds[i] only, never on the batch it was made in, and a single image
+with seed s starts from the same noise as diffusers' SanaPipeline with torch.Generator("cpu").manual_seed(s).
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import re
+from pathlib import Path
+from typing import Callable, Sequence
+
+import torch
+from torch import Tensor
+
+from .dcae import DCAE, DCAE_PRESETS
+from .dit import DIT_PRESETS, DiT
+from .flow import network_time
+from .samplers import Callback, ModelFn, dpm_solver_2m, euler, flow_times, flow_times_euler
+from .text import TextConfig, TextEncoder
+
+# name -> (sampler, time grid, integer network timesteps). The pairs are what diffusers' SanaPipeline does with
+# DPMSolverMultistepScheduler (the official folders' scheduler) and FlowMatchEulerDiscreteScheduler (§3).
+SAMPLERS: dict[str, tuple[Callable[..., Tensor], Callable[[int, float], Tensor], bool]] = {
+    "dpm": (dpm_solver_2m, flow_times, True),
+    "euler": (euler, flow_times_euler, False),
+}
+
+
+def dit_velocity(dit: DiT, text: Tensor, mask: Tensor | None, integer_t: bool) -> ModelFn:
+    """The DiT as a model_fn over flow time t in [0, 1] (the network sees 1000 t, sana-spec §1.11)."""
+    dtype = next(dit.parameters()).dtype
+
+    def model_fn(x: Tensor, t: Tensor) -> Tensor:
+        timestep = network_time(t, integer_t) * dit.cfg.timestep_scale
+        return dit(x.to(dtype), timestep, text.to(dtype), mask).float()
+    return model_fn
+
+
+def classifier_free(dit: DiT, text: Tensor, mask: Tensor, null_text: Tensor, null_mask: Tensor,
+                    scale: float, integer_t: bool) -> ModelFn:
+    """Classifier-free guidance (Ho & Salimans, arXiv 2207.12598) as one batched model_fn.
+
+    v = v_null + scale * (v_text - v_null). Both branches run in one call, ordered [null, text] as diffusers.
+    scale == 1 is the conditional model alone (one call)."""
+    if scale == 1:
+        return dit_velocity(dit, text, mask, integer_t)
+    both = dit_velocity(dit, torch.cat([null_text, text]), torch.cat([null_mask, mask]), integer_t)
+
+    def model_fn(x: Tensor, t: Tensor) -> Tensor:
+        v_null, v_text = both(torch.cat([x, x]), torch.cat([t, t])).chunk(2)
+        return v_null + scale * (v_text - v_null)
+    return model_fn
+
+
+def initial_noise(seeds: Sequence[int], shape: tuple[int, ...]) -> Tensor:
+    """(len(seeds), *shape) float32 on CPU; row i = torch.randn(shape) from Generator("cpu").manual_seed(seeds[i])."""
+    return torch.cat([torch.randn((1, *shape), generator=torch.Generator("cpu").manual_seed(int(s)))
+                      for s in seeds])
+
+
+@dataclasses.dataclass(frozen=True)
+class GenerateRequest:
+    """One generation call; validates itself so that errors name the parameter."""
+    prompts: tuple[str, ...]
+    negative_prompt: str = ""
+    height: int = 1024
+    width: int = 1024
+    steps: int = 20
+    guidance: float = 4.5
+    seeds: tuple[int, ...] = (0,)           # one per image: len(prompts) * images_per_prompt
+    sampler: str = "dpm"
+    images_per_prompt: int = 1
+
+    def __post_init__(self):
+        if not self.prompts or not all(isinstance(p, str) for p in self.prompts):
+            raise ValueError(f"prompts={self.prompts!r}: need at least one prompt, each a str")
+        for name in ("height", "width"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value <= 0 or value % 32:
+                raise ValueError(f"{name}={value!r}: must be a positive multiple of 32 (the DC-AE downsamples by 32)")
+        if not isinstance(self.steps, int) or self.steps < 1:
+            raise ValueError(f"steps={self.steps!r}: must be an integer >= 1")
+        if not (isinstance(self.guidance, (int, float)) and float(self.guidance) == float(self.guidance)
+                and abs(self.guidance) != float("inf")):
+            raise ValueError(f"guidance={self.guidance!r}: must be a finite number")
+        if self.sampler not in SAMPLERS:
+            raise ValueError(f"sampler={self.sampler!r}: must be one of {sorted(SAMPLERS)}")
+        if not isinstance(self.images_per_prompt, int) or self.images_per_prompt < 1:
+            raise ValueError(f"images_per_prompt={self.images_per_prompt!r}: must be an integer >= 1")
+        n = len(self.prompts) * self.images_per_prompt
+        if len(self.seeds) != n:
+            raise ValueError(f"seeds: got {len(self.seeds)} seeds for {n} images "
+                             f"({len(self.prompts)} prompts x images_per_prompt={self.images_per_prompt})")
+
+
+class Pipeline:
+    def __init__(self, dit: DiT, vae: DCAE, text: TextEncoder, flow_shift: float = 3.0, name: str = ""):
+        if dit.cfg.in_channels != vae.cfg.latent_channels:
+            raise ValueError(f"dit.in_channels={dit.cfg.in_channels} != vae.latent_channels={vae.cfg.latent_channels}")
+        self.dit, self.vae, self.text, self.flow_shift, self.name = dit, vae, text, flow_shift, name
+
+    @classmethod
+    def from_pretrained(cls, folder: str | Path, dtype: torch.dtype = torch.float32, variant: str | None = None,
+                        text_config: TextConfig = TextConfig()) -> Pipeline:
+        """A local diffusers-format SANA folder (model_index.json, transformer/, vae/, text_encoder/, tokenizer/,
+        scheduler/). Never touches the network."""
+        from .hub import load_dcae, load_dit, read_json
+        folder = Path(folder)
+        if not folder.is_dir():
+            raise FileNotFoundError(f"model folder not found: {folder}")
+        index = read_json(folder / "model_index.json")
+        missing = [c for c in ("transformer", "vae", "text_encoder", "tokenizer") if not (folder / c).is_dir()]
+        if missing:
+            raise FileNotFoundError(f"{folder}: missing component folders {missing} (model_index.json lists "
+                                    f"{sorted(k for k in index if not k.startswith('_'))})")
+        scheduler = folder / "scheduler" / "scheduler_config.json"
+        sched = read_json(scheduler) if scheduler.is_file() else {}
+        shift = sched.get("flow_shift", sched.get("shift", 3.0))   # DPMSolverMultistep / FlowMatchEuler field names
+        return cls(load_dit(folder / "transformer", dtype, variant), load_dcae(folder / "vae", dtype, variant),
+                   TextEncoder.from_pretrained(folder / "text_encoder", folder / "tokenizer", dtype=dtype,
+                                               config=text_config),
+                   flow_shift=float(shift), name=str(folder))
+
+    @property
+    def native_size(self) -> int:
+        return self.dit.cfg.sample_size * self.vae.cfg.compression
+
+    @torch.no_grad()
+    def generate(self, req: GenerateRequest, latents: Tensor | None = None, callback: Callback | None = None,
+                 output: str = "image") -> Tensor:
+        """Images (B, 3, H, W) in [0, 1] (or the final latents with output="latent")."""
+        sampler, grid, integer_t = SAMPLERS[req.sampler]
+        f = self.vae.cfg.compression
+        if req.height % f or req.width % f:
+            raise ValueError(f"height={req.height}, width={req.width}: must be multiples of {f} for this autoencoder")
+        cond = self.text.encode_for_cfg(list(req.prompts), req.negative_prompt, req.images_per_prompt)
+        shape = (self.dit.cfg.in_channels, req.height // f, req.width // f)
+        if latents is None:
+            latents = initial_noise(req.seeds, shape)
+        elif tuple(latents.shape) != (len(req.seeds), *shape):
+            raise ValueError(f"latents: shape {tuple(latents.shape)} != {(len(req.seeds), *shape)}")
+        device = next(self.dit.parameters()).device
+        model_fn = classifier_free(self.dit, cond.text, cond.text_mask, cond.null_text, cond.null_mask,
+                                   float(req.guidance), integer_t)
+        x = sampler(model_fn, latents.float().to(device), grid(req.steps, self.flow_shift).to(device), callback)
+        if output == "latent":
+            return x
+        vae_dtype = next(self.vae.parameters()).dtype
+        return (self.vae.decode(x.to(vae_dtype)).float() * 0.5 + 0.5).clamp(0, 1)
+
+
+def save_png(image: Tensor, path: str | Path, metadata: dict | None = None) -> None:
+    """(3, H, W) in [0, 1] -> PNG with `metadata` as text chunks; written atomically (temp file + rename)."""
+    from PIL import Image, PngImagePlugin
+    path = Path(path)
+    array = (image.permute(1, 2, 0).float().cpu().numpy() * 255).round().clip(0, 255).astype("uint8")
+    info = PngImagePlugin.PngInfo()
+    for k, v in (metadata or {}).items():
+        info.add_text(str(k), v if isinstance(v, str) else json.dumps(v))
+    tmp = path.with_name(f".{path.name}.tmp")
+    Image.fromarray(array).save(tmp, format="PNG", pnginfo=info)
+    os.replace(tmp, path)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The default model
+
+
+BUNDLED = Path(__file__).parent / "assets" / "model"
+
+
+def random_pipeline(seed: int = 0) -> Pipeline:
+    """A small SANA-shaped pipeline with random weights (32x DC-AE, linear DiT, tiny Gemma-2). It draws noise-like
+    images, not pictures: it exists so that the whole path runs before any trained model is present."""
+    from transformers import Gemma2Config, Gemma2Model
+    from .text import CHI_DIFFUSERS, simple_tokenizer
+    with torch.random.fork_rng(devices=[]):      # do not disturb the caller's global RNG
+        torch.manual_seed(seed)
+        dit_cfg = dataclasses.replace(DIT_PRESETS["small"], depth=2)
+        dit = DiT(dit_cfg)
+        dit.init_weights()
+        vae = DCAE(DCAE_PRESETS["small"])
+        tok = simple_tokenizer(re.findall(r"[A-Za-z]+", " ".join(CHI_DIFFUSERS)))
+        gemma = Gemma2Model(Gemma2Config(vocab_size=len(tok), hidden_size=dit_cfg.caption_channels, num_hidden_layers=1,
+                                         num_attention_heads=2, num_key_value_heads=1, head_dim=32,
+                                         intermediate_size=2 * dit_cfg.caption_channels,
+                                         attn_implementation="eager"))
+    text = TextEncoder(gemma.eval().requires_grad_(False), tok, TextConfig())
+    return Pipeline(dit.eval().requires_grad_(False), vae.eval().requires_grad_(False), text, name="random-small")
+
+
+def load_default() -> Pipeline:
+    """The bundled model if the package ships one, else the random pipeline (callers say so to the user)."""
+    if (BUNDLED / "model_index.json").is_file():
+        return Pipeline.from_pretrained(BUNDLED)
+    return random_pipeline()

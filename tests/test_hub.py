@@ -1,0 +1,202 @@
+"""Loading official-format weights from local paths: diffusers folders and NVlabs files, and every bad-input case."""
+import json
+
+import pytest
+import torch
+from diffusers import SanaTransformer2DModel
+from safetensors.torch import load_file, save_file
+
+from sanaflow.hub import CheckpointError, load_dit, load_original_dit, read_state_dict
+
+TINY = dict(in_channels=4, out_channels=4, num_attention_heads=2, attention_head_dim=8, num_layers=3,
+            num_cross_attention_heads=2, cross_attention_head_dim=8, cross_attention_dim=16, caption_channels=12,
+            sample_size=8)
+
+
+@pytest.fixture(scope="module")
+def ref():
+    torch.manual_seed(0)
+    return SanaTransformer2DModel(**TINY).eval()
+
+
+def run(model, diffusers_model=False):
+    g = torch.Generator().manual_seed(1)
+    x, text = torch.randn(2, 4, 6, 10, generator=g), torch.randn(2, 5, 12, generator=g)
+    t, mask = torch.tensor([900.0, 20.0]), torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]])
+    with torch.no_grad():
+        if diffusers_model:
+            return model(x, encoder_hidden_states=text, timestep=t, encoder_attention_mask=mask).sample
+        return model(x, t, text, mask)
+
+
+@pytest.mark.parametrize("kwargs", [{}, dict(max_shard_size="20KB"), dict(variant="fp16"),
+                                    dict(variant="bf16", max_shard_size="20KB")])
+def test_diffusers_folder_loads_and_matches(ref, tmp_path, kwargs):
+    dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(kwargs.get("variant"), torch.float32)
+    saved = SanaTransformer2DModel(**TINY).eval()
+    saved.load_state_dict(ref.state_dict())
+    saved.to(dtype).save_pretrained(tmp_path, **kwargs)
+    if "max_shard_size" in kwargs:
+        assert len(list(tmp_path.glob("*.safetensors"))) > 1          # really sharded
+    ours = load_dit(tmp_path)                                          # the variant is found on its own
+    assert next(ours.parameters()).dtype == torch.float32              # like diffusers: fp32 unless asked
+    expected = run(saved.float(), diffusers_model=True)                # same (rounded) weights in diffusers
+    torch.testing.assert_close(run(ours), expected, atol=1e-5, rtol=0)
+
+
+def test_load_in_half_precision(ref, tmp_path):
+    ref.save_pretrained(tmp_path)
+    assert next(load_dit(tmp_path, dtype=torch.bfloat16).parameters()).dtype == torch.bfloat16
+
+
+def to_nvlabs(sd: dict, depth: int) -> dict:
+    """diffusers -> NVlabs/Sana names, written from the table of sana-spec §1.13 (the inverse of diffusers'
+    scripts/convert_sana_to_diffusers.py), with the buffers real NVlabs files carry."""
+    out = {}
+    ren = {"patch_embed.proj.": "x_embedder.proj.", "time_embed.emb.timestep_embedder.linear_1.": "t_embedder.mlp.0.",
+           "time_embed.emb.timestep_embedder.linear_2.": "t_embedder.mlp.2.", "time_embed.linear.": "t_block.1.",
+           "caption_projection.linear_1.": "y_embedder.y_proj.fc1.", "caption_projection.linear_2.": "y_embedder.y_proj.fc2.",
+           "caption_norm.": "attention_y_norm.", "proj_out.": "final_layer.linear."}
+    for k, v in sd.items():
+        for a, b in ren.items():
+            if k.startswith(a):
+                out[b + k[len(a):]] = v
+    out["final_layer.scale_shift_table"] = sd["scale_shift_table"]
+    for i in range(depth):
+        s, d = f"transformer_blocks.{i}.", f"blocks.{i}."
+        out[d + "scale_shift_table"] = sd[s + "scale_shift_table"]
+        out[d + "attn.qkv.weight"] = torch.cat([sd[f"{s}attn1.to_{n}.weight"] for n in "qkv"])
+        for p in ("weight", "bias"):
+            out[f"{d}attn.proj.{p}"] = sd[f"{s}attn1.to_out.0.{p}"]
+            out[f"{d}cross_attn.q_linear.{p}"] = sd[f"{s}attn2.to_q.{p}"]
+            out[f"{d}cross_attn.kv_linear.{p}"] = torch.cat([sd[f"{s}attn2.to_k.{p}"], sd[f"{s}attn2.to_v.{p}"]])
+            out[f"{d}cross_attn.proj.{p}"] = sd[f"{s}attn2.to_out.0.{p}"]
+            out[f"{d}mlp.inverted_conv.conv.{p}"] = sd[f"{s}ff.conv_inverted.{p}"]
+            out[f"{d}mlp.depth_conv.conv.{p}"] = sd[f"{s}ff.conv_depth.{p}"]
+        out[d + "mlp.point_conv.conv.weight"] = sd[s + "ff.conv_point.weight"]
+    D = sd["patch_embed.proj.weight"].shape[0]
+    out["pos_embed"] = torch.zeros(1, 64, D)                               # NoPE models still carry it
+    out["y_embedder.y_embedding"] = torch.randn(300, sd["caption_projection.linear_1.weight"].shape[1])
+    return out
+
+
+def test_nvlabs_pth_converts_to_the_same_model(ref, tmp_path):
+    path = tmp_path / "Sana_tiny.pth"
+    torch.save({"state_dict": to_nvlabs(ref.state_dict(), TINY["num_layers"]), "epoch": 3}, path)
+    ours = load_original_dit(path, cross_heads=2, head_dim=8)       # non-official shapes: head sizes must be given
+    assert ours.cfg.depth == 3 and ours.cfg.width == 16 and ours.cfg.pe_interpolation is None
+    torch.testing.assert_close(run(ours), run(ref, diffusers_model=True), atol=1e-5, rtol=0)
+
+
+def test_nvlabs_safetensors_converts_too(ref, tmp_path):
+    path = tmp_path / "sana.safetensors"
+    save_file({k: v.contiguous() for k, v in to_nvlabs(ref.state_dict(), 3).items()}, path)
+    torch.testing.assert_close(run(load_original_dit(path, cross_heads=2, head_dim=8)), run(ref, diffusers_model=True),
+                               atol=1e-5, rtol=0)
+
+
+def test_nvlabs_config_inference_for_official_shapes():
+    from sanaflow.dit import DIT_PRESETS
+    from sanaflow.hub import dit_config_from_original
+    D = 2240   # 1.6B at 4K: only shapes matter, so fake tensors of the right sizes (on meta: no memory)
+    with torch.device("meta"):
+        sd = {"x_embedder.proj.weight": torch.empty(D, 32, 1, 1), "blocks.19.attn.qkv.weight": torch.empty(3 * D, D),
+              "blocks.0.mlp.point_conv.conv.weight": torch.empty(D, 5600, 1, 1),
+              "y_embedder.y_proj.fc1.weight": torch.empty(D, 2304), "final_layer.linear.weight": torch.empty(32, D),
+              "pos_embed": torch.empty(1, 128 * 128, D)}
+    assert dit_config_from_original(sd) == DIT_PRESETS["sana-1600m-4k"]
+
+
+def test_pickled_code_is_refused(tmp_path):
+    path = tmp_path / "evil.pth"
+    torch.save({"state_dict": {"w": torch.zeros(1)}, "callback": print}, path)   # a pickled function
+    with pytest.raises(CheckpointError, match="evil.pth"):
+        read_state_dict(path)
+
+
+# ---- bad input: every error names the file or folder and the keys -------------------------------------------------
+
+
+@pytest.fixture()
+def folder(ref, tmp_path):
+    ref.save_pretrained(tmp_path)
+    return tmp_path
+
+
+def test_missing_folder(tmp_path):
+    with pytest.raises(FileNotFoundError, match="nowhere"):
+        load_dit(tmp_path / "nowhere")
+
+
+def test_missing_config(folder):
+    (folder / "config.json").unlink()
+    with pytest.raises(FileNotFoundError, match="config.json"):
+        load_dit(folder)
+
+
+def test_truncated_weights(folder):
+    f = folder / "diffusion_pytorch_model.safetensors"
+    f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
+    with pytest.raises(CheckpointError, match="diffusion_pytorch_model.safetensors"):
+        load_dit(folder)
+
+
+def test_missing_shard(ref, tmp_path):
+    ref.save_pretrained(tmp_path, max_shard_size="20KB")
+    next(tmp_path.glob("*-00002-of-*.safetensors")).unlink()
+    with pytest.raises(FileNotFoundError, match="00002"):
+        load_dit(tmp_path)
+
+
+def edit_weights(folder, fn):
+    f = folder / "diffusion_pytorch_model.safetensors"
+    sd = load_file(f)
+    fn(sd)
+    save_file(sd, f)
+
+
+def test_missing_key_is_named(folder):
+    edit_weights(folder, lambda sd: sd.pop("transformer_blocks.1.ff.conv_point.weight"))
+    with pytest.raises(CheckpointError, match=r"transformer_blocks\.1\.ff\.conv_point\.weight") as e:
+        load_dit(folder)
+    assert str(folder) in str(e.value)
+
+
+def test_unexpected_key_is_named(folder):
+    edit_weights(folder, lambda sd: sd.update({"transformer_blocks.1.extra.weight": torch.zeros(2)}))
+    with pytest.raises(CheckpointError, match=r"transformer_blocks\.1\.extra\.weight"):
+        load_dit(folder)
+
+
+def test_shape_mismatch_is_named(folder):
+    edit_weights(folder, lambda sd: sd.update({"proj_out.weight": torch.zeros(5, 16)}))
+    with pytest.raises(CheckpointError, match=r"final_linear\.weight.*\(5, 16\)"):
+        load_dit(folder)
+
+
+def test_config_that_disagrees_with_weights(folder):
+    cfg = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**cfg, "num_layers": 4}))
+    with pytest.raises(CheckpointError, match="transformer_blocks.3"):
+        load_dit(folder)
+
+
+def test_unsupported_config_is_named(folder):
+    cfg = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**cfg, "guidance_embeds": True}))
+    with pytest.raises(CheckpointError, match="guidance_embeds"):
+        load_dit(folder)
+
+
+def test_nvlabs_file_with_missing_keys(ref, tmp_path):
+    sd = to_nvlabs(ref.state_dict(), 3)
+    del sd["blocks.2.cross_attn.kv_linear.bias"]
+    torch.save(sd, tmp_path / "x.pth")
+    with pytest.raises(CheckpointError, match=r"x\.pth.*blocks\.2\.cross_attn\.kv_linear\.bias"):
+        load_original_dit(tmp_path / "x.pth", cross_heads=2, head_dim=8)
+
+
+def test_not_a_checkpoint(tmp_path):
+    (tmp_path / "x.pth").write_bytes(b"hello")
+    with pytest.raises(CheckpointError, match="x.pth"):
+        read_state_dict(tmp_path / "x.pth")

@@ -1,0 +1,101 @@
+"""A whole SANA folder written by diffusers' SanaPipeline.save_pretrained: loaded by us, it gives diffusers' outputs."""
+import json
+
+import pytest
+import torch
+from diffusers import AutoencoderDC, DPMSolverMultistepScheduler, FlowMatchEulerDiscreteScheduler, SanaPipeline
+from diffusers import SanaTransformer2DModel
+from tiny_text import make_gemma, make_tokenizer
+
+from sanaflow.pipeline import GenerateRequest, Pipeline, initial_noise
+from sanaflow.text import CHI_DIFFUSERS
+
+TRANSFORMER = dict(patch_size=1, in_channels=4, out_channels=4, num_layers=2, num_attention_heads=2,
+                   attention_head_dim=8, num_cross_attention_heads=2, cross_attention_head_dim=8,
+                   cross_attention_dim=16, caption_channels=8, sample_size=32)
+VAE = dict(in_channels=3, latent_channels=4, attention_head_dim=2, encoder_block_types=("ResBlock", "EfficientViTBlock"),
+           decoder_block_types=("ResBlock", "EfficientViTBlock"), encoder_block_out_channels=(8, 8),
+           decoder_block_out_channels=(8, 8), encoder_qkv_multiscales=((), (5,)), decoder_qkv_multiscales=((), (5,)),
+           encoder_layers_per_block=(1, 1), decoder_layers_per_block=(1, 1), downsample_block_type="conv",
+           upsample_block_type="interpolate", decoder_norm_types="rms_norm", decoder_act_fns="silu",
+           scaling_factor=0.41407)
+
+
+def diffusers_pipeline(scheduler):
+    torch.manual_seed(0)
+    tok = make_tokenizer()
+    return SanaPipeline(tokenizer=tok, text_encoder=make_gemma(len(tok)), vae=AutoencoderDC(**VAE).eval(),
+                        transformer=SanaTransformer2DModel(**TRANSFORMER).eval(), scheduler=scheduler)
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    """A DPM-Solver pipeline folder (the scheduler of official SANA folders), transformer sharded."""
+    path = tmp_path_factory.mktemp("sana")
+    pipe = diffusers_pipeline(DPMSolverMultistepScheduler(use_flow_sigmas=True, flow_shift=3.0,
+                                                          prediction_type="flow_prediction"))
+    pipe.save_pretrained(path)
+    pipe.transformer.save_pretrained(path / "transformer", max_shard_size="10KB")   # sharded, with an index
+    return pipe, path
+
+
+def test_folder_layout_is_diffusers(saved):
+    _, path = saved
+    index = json.loads((path / "model_index.json").read_text())
+    assert index["_class_name"] == "SanaPipeline" and index["vae"] == ["diffusers", "AutoencoderDC"]
+    assert (path / "transformer" / "diffusion_pytorch_model.safetensors.index.json").is_file()
+
+
+def test_components_match_diffusers(saved):
+    pipe, path = saved
+    ours = Pipeline.from_pretrained(path)
+    assert ours.flow_shift == 3.0 and ours.vae.cfg.compression == 2
+    g = torch.Generator().manual_seed(0)
+    x, image = torch.randn(2, 4, 6, 10, generator=g), torch.rand(2, 3, 12, 20, generator=g) * 2 - 1
+    prompts = ["A Cat ", "a very long red dog sitting on the mat"]
+    with torch.no_grad():
+        embeds, mask, _, _ = pipe.encode_prompt(prompts, complex_human_instruction=list(CHI_DIFFUSERS))
+        ours_embeds, ours_mask = ours.text.encode(prompts)           # default: diffusers' CHI and lower-casing
+        torch.testing.assert_close(ours_embeds, embeds, atol=1e-6, rtol=0)
+        assert torch.equal(ours_mask, mask)
+        t = torch.tensor([999.0, 3.0])
+        v_ref = pipe.transformer(x, encoder_hidden_states=embeds, timestep=t, encoder_attention_mask=mask).sample
+        torch.testing.assert_close(ours.dit(x, t, embeds, mask), v_ref, atol=1e-5, rtol=0)
+        torch.testing.assert_close(ours.vae.decode(x), pipe.vae.decode(x / 0.41407).sample, atol=1e-5, rtol=0)
+        torch.testing.assert_close(ours.vae.encode(image), pipe.vae.encode(image).latent * 0.41407, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("sampler", ["dpm", "euler"])
+@pytest.mark.parametrize("guidance", [1.0, 4.5])
+def test_end_to_end_images_match_diffusers(saved, tmp_path, sampler, guidance):
+    pipe, path = saved
+    if sampler == "euler":
+        pipe = SanaPipeline.from_pretrained(path, scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0))
+    prompts, steps = ["a red cat", "Apples on the mat"], 5
+    latents = initial_noise([11, 12], (4, 16, 32))
+    expected = pipe(prompts, height=32, width=64, num_inference_steps=steps, guidance_scale=guidance,
+                    latents=latents.clone(), output_type="pt", use_resolution_binning=False).images
+    ours = Pipeline.from_pretrained(path)
+    req = GenerateRequest(prompts=tuple(prompts), height=32, width=64, steps=steps, guidance=guidance,
+                          seeds=(11, 12), sampler=sampler)
+    torch.testing.assert_close(ours.generate(req, latents=latents), expected, atol=1e-4, rtol=0)
+    # The same seeds without explicit latents: the same noise, so the same images.
+    torch.testing.assert_close(ours.generate(req), expected, atol=1e-4, rtol=0)
+
+
+def test_one_image_reproduces_diffusers_seeding(saved):
+    pipe, path = saved
+    expected = pipe("a dog", height=32, width=32, num_inference_steps=3, output_type="pt",
+                    generator=torch.Generator("cpu").manual_seed(5), use_resolution_binning=False).images
+    got = Pipeline.from_pretrained(path).generate(GenerateRequest(prompts=("a dog",), height=32, width=32, steps=3,
+                                                                  seeds=(5,)))
+    torch.testing.assert_close(got, expected, atol=1e-4, rtol=0)
+
+
+def test_missing_component_is_named(saved, tmp_path):
+    _, path = saved
+    (tmp_path / "model_index.json").write_text((path / "model_index.json").read_text())
+    with pytest.raises(FileNotFoundError, match="transformer"):
+        Pipeline.from_pretrained(tmp_path)
+    with pytest.raises(FileNotFoundError, match="nowhere"):
+        Pipeline.from_pretrained(tmp_path / "nowhere")

@@ -17,7 +17,7 @@ import torch
 from diffusers import SanaTransformer2DModel
 
 from sanaflow.dit import DIT_PRESETS, DiT
-from sanaflow.hub import dit_config_to_diffusers, dit_from_diffusers
+from sanaflow.keymaps import dit_config_to_diffusers, dit_from_diffusers
 
 CONFIGS = {"small": DIT_PRESETS["small"], "sana-600m": DIT_PRESETS["sana-600m-1024"]}
 

@@ -7,7 +7,7 @@ is a parameter-free space<->channel reshuffle, which is what lets the autoencode
 reconstruction quality (DC-AE paper, "Residual Autoencoding").
 
 Spec: docs `sana-spec.md` §2 (architecture), `diffusers-interop.md` §2 (diffusers' AutoencoderDC, which this
-file matches to float rounding). Foreign state dicts are converted by `sanaflow._dcae_keymap`.
+file matches to float rounding). Foreign state dicts are converted by `sanaflow.keymaps`.
 
 Module names (state-dict keys), stage i has width widths[i] and runs at 1/2^i of the image resolution:
     encoder.conv_in                          3x3 conv, image -> widths[0]

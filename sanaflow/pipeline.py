@@ -108,7 +108,7 @@ class Pipeline:
                         text_config: TextConfig = TextConfig()) -> Pipeline:
         """A local diffusers-format SANA folder (model_index.json, transformer/, vae/, text_encoder/, tokenizer/,
         scheduler/). Never touches the network."""
-        from .hub import load_dcae, load_dit, read_json
+        from .hub import detect_variant, load_dcae, load_dit, read_json
         folder = Path(folder)
         if not folder.is_dir():
             raise FileNotFoundError(f"model folder not found: {folder}")
@@ -122,7 +122,8 @@ class Pipeline:
         shift = sched.get("flow_shift", sched.get("shift", 3.0))   # DPMSolverMultistep / FlowMatchEuler field names
         return cls(load_dit(folder / "transformer", dtype, variant), load_dcae(folder / "vae", dtype, variant),
                    TextEncoder.from_pretrained(folder / "text_encoder", folder / "tokenizer", dtype=dtype,
-                                               config=text_config),
+                                               config=text_config,
+                                               variant=variant or detect_variant(folder / "text_encoder", "model")),
                    flow_shift=float(shift), name=str(folder))
 
     @property

@@ -129,6 +129,7 @@ class TextEncoder:
         dtype: torch.dtype = torch.float32,          # diffusers' default; NVlabs runs Gemma in bf16
         device: str | torch.device = "cpu",
         config: TextConfig = TextConfig(),
+        variant: str | None = None,                  # weights named model.<variant>.safetensors, e.g. "bf16"
     ) -> TextEncoder:
         """Load from local folders only (e.g. a diffusers pipeline's `text_encoder/` and `tokenizer/`)."""
         from transformers import AutoModel, AutoTokenizer   # lazy: importing sanaflow.text stays light
@@ -141,7 +142,7 @@ class TextEncoder:
         try:
             # AutoModel maps a `*ForCausalLM` checkpoint to its base model and drops the LM head, which is
             # the decoder stack SANA uses (sana-spec §3.1).
-            model = AutoModel.from_pretrained(text_encoder_dir, local_files_only=True, dtype=dtype)
+            model = AutoModel.from_pretrained(text_encoder_dir, local_files_only=True, dtype=dtype, variant=variant)
         except Exception as e:    # transformers and safetensors raise OSError, ValueError, SafetensorError...
             raise OSError(f"text_encoder_dir='{text_encoder_dir}': cannot load a transformers model "
                           f"({type(e).__name__}: {e})") from e

@@ -4,6 +4,7 @@ Reference configs are written here in diffusers' own vocabulary (vae/config.json
 `dcae_config_from_diffusers`, so a wrong translation shows up as a failed strict load or a parity failure.
 """
 
+import dataclasses
 import re
 
 import pytest
@@ -12,7 +13,7 @@ from diffusers import AutoencoderDC
 from diffusers.loaders.single_file_utils import convert_autoencoder_dc_checkpoint_to_diffusers
 
 from sanaflow import dcae as dcae_module
-from sanaflow._dcae_keymap import dcae_config_from_diffusers, dcae_from_diffusers, dcae_from_original
+from sanaflow.keymaps import dcae_config_from_diffusers, dcae_from_diffusers, dcae_from_original
 from sanaflow.dcae import DCAE, DCAE_PRESETS, DCAEConfig
 
 # fp32 parity bound: both sides run the same float32 ops in (almost) the same order; observed differences are
@@ -166,6 +167,10 @@ def test_sana_preset_parameter_count_on_meta():
     assert n_params(ours) == n_params(ref) == 312_250_275       # spec §2.5 / interop §7.3
     assert DCAE_PRESETS["dc-ae-f32c32-sana-1.1"] == DCAE_PRESETS["dc-ae-f32c32-sana-1.0"]
     assert ours.compression == 32
+    # Full-size key map, checked on meta tensors: every diffusers key used, every one of ours filled, same shapes.
+    converted = dcae_from_diffusers(ref.state_dict(), DCAE_PRESETS["dc-ae-f32c32-sana-1.0"])
+    assert len(ref.state_dict()) == 375
+    assert {k: v.shape for k, v in converted.items()} == {k: v.shape for k, v in ours.state_dict().items()}
 
 
 @pytest.mark.parametrize("name", ["tiny", "four_stage", "three_stage", "sana"])
@@ -208,11 +213,16 @@ def test_small_preset_is_f32c32():
     ("decoder_block_out_channels", (8, 16)),
     ("decoder_block_types", "ResBlock"),
     ("encoder_qkv_multiscales", ((), (3,))),
-    ("some_future_option", 1),
 ])
 def test_config_translation_rejects_unsupported_values(field, value):
     with pytest.raises(ValueError, match=field):
         dcae_config_from_diffusers({**TINY, field: value})
+
+
+def test_config_translation_ignores_unknown_fields_with_a_warning():
+    # diffusers ignores config keys it does not know; the weights must still fit the model exactly.
+    with pytest.warns(UserWarning, match="some_future_option"):
+        assert dcae_config_from_diffusers({**TINY, "some_future_option": 1}) == DCAE_PRESETS["tiny"]
 
 
 def test_config_translation_uses_diffusers_defaults_for_missing_fields():
@@ -234,7 +244,6 @@ def test_config_translation_uses_diffusers_defaults_for_missing_fields():
     (dict(scaling_factor=0.0), "scaling_factor"),
 ])
 def test_config_validation_names_the_field(changes, field):
-    import dataclasses
     with pytest.raises(ValueError, match=field):
         dataclasses.replace(DCAE_PRESETS["tiny"], **changes)
 

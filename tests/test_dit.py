@@ -6,7 +6,7 @@ import torch
 from diffusers import SanaTransformer2DModel
 
 from sanaflow.dit import DIT_PRESETS, DiT, DiTConfig, LinearAttention
-from sanaflow.hub import dit_config_from_diffusers, dit_config_to_diffusers, dit_from_diffusers
+from sanaflow.keymaps import dit_config_from_diffusers, dit_config_to_diffusers, dit_from_diffusers
 
 TINY = dict(in_channels=4, out_channels=4, num_attention_heads=2, attention_head_dim=8, num_layers=2,
             num_cross_attention_heads=2, cross_attention_head_dim=8, cross_attention_dim=16, caption_channels=12,

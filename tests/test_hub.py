@@ -97,7 +97,7 @@ def test_nvlabs_safetensors_converts_too(ref, tmp_path):
 
 def test_nvlabs_config_inference_for_official_shapes():
     from sanaflow.dit import DIT_PRESETS
-    from sanaflow.hub import dit_config_from_original
+    from sanaflow.keymaps import dit_config_from_original
     D = 2240   # 1.6B at 4K: only shapes matter, so fake tensors of the right sizes (on meta: no memory)
     with torch.device("meta"):
         sd = {"x_embedder.proj.weight": torch.empty(D, 32, 1, 1), "blocks.19.attn.qkv.weight": torch.empty(3 * D, D),
@@ -200,3 +200,23 @@ def test_not_a_checkpoint(tmp_path):
     (tmp_path / "x.pth").write_bytes(b"hello")
     with pytest.raises(CheckpointError, match="x.pth"):
         read_state_dict(tmp_path / "x.pth")
+
+
+def test_original_dcae_files_convert_to_the_same_model(tmp_path):
+    from test_dcae import TINY as DCAE_TINY, diffusers_model, diffusers_to_original
+    from sanaflow.dcae import DCAE_PRESETS
+    from sanaflow.hub import load_original_dcae
+    ref = diffusers_model(DCAE_TINY)
+    original = {k: v.contiguous() for k, v in diffusers_to_original(ref.state_dict()).items()}
+    save_file(original, tmp_path / "model.safetensors")                     # mit-han-lab: a flat safetensors
+    torch.save({"model": original}, tmp_path / "dcae.pth")                  # training checkpoints nest it
+    z = torch.randn(2, 4, 3, 5, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected = ref.decode(z / 0.41407).sample
+        for name in ("model.safetensors", "dcae.pth"):
+            ours = load_original_dcae(tmp_path / name, config=DCAE_PRESETS["tiny"])
+            torch.testing.assert_close(ours.decode(z), expected, atol=1e-5, rtol=0)
+    del original["decoder.project_out.op_list.0.bias"]
+    save_file(original, tmp_path / "broken.safetensors")
+    with pytest.raises(CheckpointError, match=r"broken\.safetensors.*decoder\.project_out\.op_list\.0\.bias"):
+        load_original_dcae(tmp_path / "broken.safetensors", config=DCAE_PRESETS["tiny"])

@@ -99,3 +99,18 @@ def test_missing_component_is_named(saved, tmp_path):
         Pipeline.from_pretrained(tmp_path)
     with pytest.raises(FileNotFoundError, match="nowhere"):
         Pipeline.from_pretrained(tmp_path / "nowhere")
+
+
+def test_bf16_variant_folder_loads_every_component(saved, tmp_path):
+    pipe, _ = saved
+    pipe.to(torch.bfloat16).save_pretrained(tmp_path, variant="bf16")      # model.bf16.safetensors, ...
+    pipe.to(torch.float32)
+    pipe = SanaPipeline.from_pretrained(tmp_path, variant="bf16", torch_dtype=torch.float32)   # same files
+    assert not (tmp_path / "vae" / "diffusion_pytorch_model.safetensors").exists()
+    ours = Pipeline.from_pretrained(tmp_path)                               # variant detected per folder
+    assert next(ours.text.model.parameters()).dtype == torch.float32        # fp32 unless asked, like diffusers
+    with torch.no_grad():
+        expected, _, _, _ = pipe.encode_prompt(["a cat"], complex_human_instruction=list(CHI_DIFFUSERS))
+        torch.testing.assert_close(ours.text.encode(["a cat"])[0], expected, atol=1e-6, rtol=0)
+        z = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+        torch.testing.assert_close(ours.vae.decode(z), pipe.vae.decode(z / 0.41407).sample, atol=1e-5, rtol=0)

@@ -1,11 +1,13 @@
-"""State-dict key maps and config translation for the DC-AE: diffusers `AutoencoderDC` and original
-mit-han-lab/efficientvit (NVlabs/Sana) checkpoints -> `sanaflow.dcae`.
+"""State-dict key maps and config translation: diffusers and original NVlabs / mit-han-lab checkpoints -> ours.
 
-Pure functions, no IO. Each converter pops every tensor it uses and fails on missing or leftover keys, so a
-checkpoint for a different architecture never loads half-way. Unwrapping "model"/"module"/"state_dict" nesting
-is the caller's job.
+Pure functions, no IO (loading is `sanaflow.hub`). Each converter pops every tensor it uses and fails on missing
+or leftover keys, so a checkpoint for a different architecture never loads half-way. Unwrapping
+"model"/"module"/"state_dict" nesting is the caller's job.
 
-One table, `_key_table`, lists every tensor of our model with its diffusers name(s) and its original name
+Linear DiT: our names (sanaflow/dit.py) follow NVlabs' closely; diffusers splits q/k/v and k/v, which we fuse.
+
+DC-AE: one table,
+`_key_table`, lists every tensor of our model with its diffusers name(s) and its original name
 (spec: `diffusers-interop.md` §2.3 for diffusers, §6.3 for the original names; the original module tree is
 efficientvit `models/efficientvit/dc_ae.py` + `models/nn/ops.py`, where `ResidualBlock` adds `main.`,
 `OpSequential` adds `op_list.` and `ConvLayer` adds `conv.`/`norm.`).
@@ -13,12 +15,173 @@ efficientvit `models/efficientvit/dc_ae.py` + `models/nn/ops.py`, where `Residua
 
 from __future__ import annotations
 
+import math
+import re
+import warnings
 from typing import NamedTuple
 
 import torch
 from torch import Tensor
 
-from sanaflow.dcae import DCAEConfig
+from .dcae import DCAEConfig
+from .dit import DiTConfig
+
+StateDict = dict[str, Tensor]
+
+
+####################################################################################################################
+# Linear DiT (ours <- diffusers, ours <- NVlabs). Ours: sanaflow/dit.py module names.
+####################################################################################################################
+
+
+def _pop(sd: StateDict, key: str) -> Tensor:
+    if key not in sd:
+        raise KeyError(f"missing key {key!r}")
+    return sd.pop(key)
+
+
+def _check_empty(sd: StateDict, what: str) -> None:
+    if sd:
+        raise KeyError(f"{what}: {len(sd)} unexpected keys, e.g. {sorted(sd)[:8]}")
+
+
+def dit_from_diffusers(sd: StateDict, cfg: DiTConfig) -> StateDict:
+    """diffusers SanaTransformer2DModel state dict -> ours (interop §1.3). q/k/v are fused into one matmul."""
+    sd, out = dict(sd), {}
+    take = lambda k: _pop(sd, k)  # noqa: E731
+    out["patch_embed.weight"], out["patch_embed.bias"] = take("patch_embed.proj.weight"), take("patch_embed.proj.bias")
+    for i, name in ((0, "linear_1"), (2, "linear_2")):
+        for p in ("weight", "bias"):
+            out[f"t_embed.{i}.{p}"] = take(f"time_embed.emb.timestep_embedder.{name}.{p}")
+            out[f"y_proj.{i}.{p}"] = take(f"caption_projection.{name}.{p}")
+    out["t_block.1.weight"], out["t_block.1.bias"] = take("time_embed.linear.weight"), take("time_embed.linear.bias")
+    out["y_norm.weight"] = take("caption_norm.weight")
+    for i in range(cfg.depth):
+        s, d = f"transformer_blocks.{i}.", f"blocks.{i}."
+        out[d + "scale_shift_table"] = take(s + "scale_shift_table")
+        out[d + "attn.qkv.weight"] = torch.cat([take(f"{s}attn1.to_{n}.weight") for n in "qkv"])
+        out[d + "cross_attn.q.weight"], out[d + "cross_attn.q.bias"] = take(s + "attn2.to_q.weight"), take(s + "attn2.to_q.bias")
+        for p in ("weight", "bias"):
+            out[f"{d}attn.proj.{p}"] = take(f"{s}attn1.to_out.0.{p}")
+            out[f"{d}cross_attn.kv.{p}"] = torch.cat([take(f"{s}attn2.to_k.{p}"), take(f"{s}attn2.to_v.{p}")])
+            out[f"{d}cross_attn.proj.{p}"] = take(f"{s}attn2.to_out.0.{p}")
+            out[f"{d}ffn.inverted.{p}"] = take(f"{s}ff.conv_inverted.{p}")
+            out[f"{d}ffn.depthwise.{p}"] = take(f"{s}ff.conv_depth.{p}")
+        out[d + "ffn.point.weight"] = take(s + "ff.conv_point.weight")
+        if cfg.qk_norm:
+            for a, b in (("attn1", "attn"), ("attn2", "cross_attn")):
+                out[f"{d}{b}.q_norm.weight"] = take(f"{s}{a}.norm_q.weight")
+                out[f"{d}{b}.k_norm.weight"] = take(f"{s}{a}.norm_k.weight")
+    out["final_table"] = take("scale_shift_table")
+    out["final_linear.weight"], out["final_linear.bias"] = take("proj_out.weight"), take("proj_out.bias")
+    _check_empty(sd, "dit_from_diffusers")
+    return out
+
+
+def dit_from_original(sd: StateDict, cfg: DiTConfig) -> StateDict:
+    """NVlabs/Sana SanaMS state dict -> ours (sana-spec §1.13, interop §6.2). Our names follow NVlabs' closely."""
+    sd, out = dict(sd), {}
+    take = lambda k: _pop(sd, k)  # noqa: E731
+    for buf in ("pos_embed", "y_embedder.y_embedding"):   # buffers: PE is recomputed, the null caption is unused
+        sd.pop(buf, None)
+    for p in ("weight", "bias"):
+        out[f"patch_embed.{p}"] = take(f"x_embedder.proj.{p}")
+        out[f"t_embed.0.{p}"], out[f"t_embed.2.{p}"] = take(f"t_embedder.mlp.0.{p}"), take(f"t_embedder.mlp.2.{p}")
+        out[f"t_block.1.{p}"] = take(f"t_block.1.{p}")
+        out[f"y_proj.0.{p}"], out[f"y_proj.2.{p}"] = take(f"y_embedder.y_proj.fc1.{p}"), take(f"y_embedder.y_proj.fc2.{p}")
+        out[f"final_linear.{p}"] = take(f"final_layer.linear.{p}")
+    out["y_norm.weight"] = take("attention_y_norm.weight")
+    out["final_table"] = take("final_layer.scale_shift_table")
+    for i in range(cfg.depth):
+        s = d = f"blocks.{i}."
+        out[d + "scale_shift_table"] = take(s + "scale_shift_table")
+        out[d + "attn.qkv.weight"] = take(s + "attn.qkv.weight")
+        for p in ("weight", "bias"):
+            out[f"{d}attn.proj.{p}"] = take(f"{s}attn.proj.{p}")
+            out[f"{d}cross_attn.q.{p}"] = take(f"{s}cross_attn.q_linear.{p}")
+            out[f"{d}cross_attn.kv.{p}"] = take(f"{s}cross_attn.kv_linear.{p}")
+            out[f"{d}cross_attn.proj.{p}"] = take(f"{s}cross_attn.proj.{p}")
+            out[f"{d}ffn.inverted.{p}"] = take(f"{s}mlp.inverted_conv.conv.{p}")
+            out[f"{d}ffn.depthwise.{p}"] = take(f"{s}mlp.depth_conv.conv.{p}")
+        out[d + "ffn.point.weight"] = take(s + "mlp.point_conv.conv.weight")
+        if cfg.qk_norm:
+            for a in ("attn", "cross_attn"):
+                out[f"{d}{a}.q_norm.weight"] = take(f"{s}{a}.q_norm.weight")
+                out[f"{d}{a}.k_norm.weight"] = take(f"{s}{a}.k_norm.weight")
+    _check_empty(sd, "dit_from_original")
+    return out
+
+
+def dit_config_from_diffusers(c: dict) -> DiTConfig:
+    """transformer/config.json of SanaTransformer2DModel -> DiTConfig (interop §1.1). Defaults as diffusers'."""
+    g = lambda k, default: default if c.get(k) is None else c[k]  # noqa: E731  (diffusers fills absent keys)
+    width = g("num_attention_heads", 70) * g("attention_head_dim", 32)
+    cross_heads, cross_dim = g("num_cross_attention_heads", 20), g("cross_attention_head_dim", 112)
+    unsupported = {
+        "guidance_embeds": (g("guidance_embeds", False), "Sana-Sprint guidance embedding is not supported"),
+        "norm_elementwise_affine": (g("norm_elementwise_affine", False), "affine norm2 is used by no SANA model"),
+        "attention_bias": (g("attention_bias", False), "SANA's self-attention q/k/v have no bias"),
+        "cross_attention_dim": (c.get("cross_attention_dim", 2240) != width,
+                                f"must equal the width {width} (the caption projection's output)"),
+        "num_cross_attention_heads": (cross_heads * cross_dim != width,
+                                      f"x cross_attention_head_dim={cross_dim} must equal the width {width}"),
+        "qk_norm": (g("qk_norm", None) not in (None, "rms_norm_across_heads"), "only 'rms_norm_across_heads'"),
+    }
+    for key, (bad, why) in unsupported.items():
+        if bad:
+            raise ValueError(f"transformer config: {key}={c.get(key)!r} is not supported: {why}")
+    in_ch = g("in_channels", 32)
+    return DiTConfig(
+        in_channels=in_ch, out_channels=g("out_channels", in_ch), width=width, depth=g("num_layers", 20),
+        head_dim=g("attention_head_dim", 32), cross_heads=cross_heads, caption_channels=g("caption_channels", 2304),
+        mlp_ratio=g("mlp_ratio", 2.5), patch_size=g("patch_size", 1), sample_size=g("sample_size", 32),
+        pe_interpolation=c.get("interpolation_scale"), qk_norm=g("qk_norm", None) is not None,
+        norm_eps=g("norm_eps", 1e-6), timestep_scale=g("timestep_scale", 1.0))
+
+
+def dit_config_to_diffusers(cfg: DiTConfig) -> dict:
+    """DiTConfig -> the kwargs of diffusers' SanaTransformer2DModel (for writing diffusers folders and for tests)."""
+    return dict(in_channels=cfg.in_channels, out_channels=cfg.out_channels, num_attention_heads=cfg.width // cfg.head_dim,
+                attention_head_dim=cfg.head_dim, num_layers=cfg.depth, num_cross_attention_heads=cfg.cross_heads,
+                cross_attention_head_dim=cfg.width // cfg.cross_heads, cross_attention_dim=cfg.width,
+                caption_channels=cfg.caption_channels, mlp_ratio=cfg.mlp_ratio, sample_size=cfg.sample_size,
+                patch_size=cfg.patch_size, interpolation_scale=cfg.pe_interpolation, norm_eps=cfg.norm_eps,
+                qk_norm="rms_norm_across_heads" if cfg.qk_norm else None, timestep_scale=cfg.timestep_scale)
+
+
+# Cross-attention heads cannot be read off the weights (interop §6.2): take them from the official table.
+_CROSS_HEADS_BY_WIDTH = {2240: 20, 1152: 16}
+# PE cannot be read off the key set either; official rule by native latent size (sana-spec §1.9).
+_PE_BY_SAMPLE_SIZE = {64: 1.0, 128: 2.0}
+
+
+def dit_config_from_original(sd: StateDict, **overrides) -> DiTConfig:
+    """Infer the DiTConfig of an NVlabs checkpoint from its tensor shapes (interop §6.2); `overrides` win."""
+    try:
+        w = sd["x_embedder.proj.weight"]                                        # (D, C, p, p)
+        width, in_ch, p = w.shape[0], w.shape[1], w.shape[2]
+        depth = 1 + max(int(m.group(1)) for k in sd if (m := re.match(r"blocks\.(\d+)\.", k)))
+        hidden = sd["blocks.0.mlp.point_conv.conv.weight"].shape[1]
+        caption = sd["y_embedder.y_proj.fc1.weight"].shape[1]
+        out_ch = sd["final_layer.linear.weight"].shape[0] // (p * p)
+    except (KeyError, ValueError) as e:
+        raise KeyError(f"not an NVlabs SANA transformer checkpoint (missing {e})") from e
+    if any(k.startswith("cfg_embedder.") for k in sd):
+        raise ValueError("Sana-Sprint checkpoints (cfg_embedder.*) are not supported")
+    sample = int(round(math.sqrt(sd["pos_embed"].shape[1]))) * p if "pos_embed" in sd else 32
+    kw = dict(in_channels=in_ch, out_channels=out_ch, width=width, depth=depth, patch_size=p,
+              cross_heads=_CROSS_HEADS_BY_WIDTH.get(width), caption_channels=caption, mlp_ratio=hidden / width,
+              sample_size=sample, pe_interpolation=_PE_BY_SAMPLE_SIZE.get(sample),
+              qk_norm="blocks.0.attn.q_norm.weight" in sd)
+    kw.update(overrides)
+    if kw["cross_heads"] is None:
+        raise ValueError(f"width={width} is not an official SANA width; pass cross_heads=... explicitly")
+    return DiTConfig(**kw)
+
+
+####################################################################################################################
+# DC-AE
+####################################################################################################################
 
 
 class _Key(NamedTuple):
@@ -166,10 +329,9 @@ def _per_stage(name: str, value, n: int) -> tuple:
 def dcae_config_from_diffusers(config_json: dict) -> DCAEConfig:
     """Translate a diffusers `vae/config.json` dict; ValueError naming the field for anything SANA does not use."""
     unknown = sorted(k for k in config_json if not k.startswith("_") and k not in _DIFFUSERS_DEFAULTS)
-    if unknown:
-        raise ValueError(f"dcae_config_from_diffusers: unknown fields {unknown}; this AutoencoderDC version is "
-                         f"not supported")
-    c = {**_DIFFUSERS_DEFAULTS, **{k: v for k, v in config_json.items() if not k.startswith("_")}}
+    if unknown:   # diffusers ignores unknown config keys too; the weights still have to fit exactly
+        warnings.warn(f"dcae_config_from_diffusers: ignoring unknown fields {unknown}", stacklevel=2)
+    c = {**_DIFFUSERS_DEFAULTS, **{k: v for k, v in config_json.items() if k in _DIFFUSERS_DEFAULTS}}
     widths = tuple(c["encoder_block_out_channels"])
     n = len(widths)
 

@@ -1,7 +1,9 @@
 """Forward latency of our linear DiT against diffusers' SanaTransformer2DModel on identical weights and inputs.
 
-Both models run in this process, alternating within every round (this machine is noisy), after a warm-up; the
-table gives medians and the ratio diffusers / ours (> 1: ours is faster), plus the max abs output difference.
+Both models run in this process, one after the other within every round (alternating which goes first), after a
+warm-up. This VM's speed drifts by 10-20 % over seconds, so the ratio is the median of the per-round ratios
+diffusers / ours (> 1: ours is faster), which cancels drift common to a round; the times are medians. The last
+column is the max abs difference of the two outputs.
 
     python benchmarks/dit_speed.py                      # small and 0.6B-shaped configs, 256 .. 16384 tokens
     python benchmarks/dit_speed.py --layers 28 --tokens 1024 --configs sana-600m
@@ -22,16 +24,18 @@ from sanaflow.keymaps import dit_config_to_diffusers, dit_from_diffusers
 CONFIGS = {"small": DIT_PRESETS["small"], "sana-600m": DIT_PRESETS["sana-600m-1024"]}
 
 
-def interleaved_medians(fns: dict, rounds: int) -> dict[str, float]:
+def paired_times(fns: dict, rounds: int) -> dict[str, list[float]]:
+    """Run every candidate once per round, alternating which goes first; per-round times, after a warm-up."""
     times = {name: [] for name in fns}
     for fn in fns.values():
         fn()                                                   # warm-up (allocator, oneDNN kernels)
-    for _ in range(rounds):
-        for name, fn in fns.items():                           # same round, same machine state
+    items = list(fns.items())
+    for r in range(rounds):
+        for name, fn in items if r % 2 == 0 else items[::-1]:  # same round, same machine state
             start = time.perf_counter()
             fn()
             times[name].append(time.perf_counter() - start)
-    return {name: statistics.median(ts) for name, ts in times.items()}
+    return times
 
 
 def main() -> None:
@@ -39,7 +43,7 @@ def main() -> None:
     ap.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
     ap.add_argument("--layers", type=int, default=2, help="blocks per model (latency is linear in depth)")
     ap.add_argument("--tokens", type=int, nargs="+", default=[256, 1024, 4096, 16384])
-    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--rounds", type=int, default=7)
     ap.add_argument("--batch", type=int, default=1)
     ap.add_argument("--threads", type=int, default=torch.get_num_threads())
     args = ap.parse_args()
@@ -47,7 +51,7 @@ def main() -> None:
 
     print(f"torch {torch.__version__}, {args.threads} threads, fp32, batch {args.batch}, {args.layers} layers, "
           f"300 text tokens, {args.rounds} rounds\n")
-    print("| config | tokens | diffusers ms | sanaflow ms | ratio | max abs diff |")
+    print("| config | tokens | diffusers ms | sanaflow ms | ratio (median of rounds) | max abs diff |")
     print("|---|---:|---:|---:|---:|---:|")
     for name in args.configs:
         cfg = dataclasses.replace(CONFIGS[name], depth=args.layers)
@@ -68,9 +72,10 @@ def main() -> None:
                                       encoder_attention_mask=mask).sample
                 run_ours = lambda: ours(x, t, text, mask)  # noqa: E731
                 diff = (run_ref() - run_ours()).abs().max().item()
-                m = interleaved_medians({"diffusers": run_ref, "ours": run_ours}, args.rounds)
-            print(f"| {name} | {side * (n // side)} | {1e3 * m['diffusers']:.1f} | {1e3 * m['ours']:.1f} "
-                  f"| {m['diffusers'] / m['ours']:.2f}x | {diff:.1e} |", flush=True)
+                ts = paired_times({"diffusers": run_ref, "ours": run_ours}, args.rounds)
+            ratio = statistics.median(a / b for a, b in zip(ts["diffusers"], ts["ours"]))
+            print(f"| {name} | {side * (n // side)} | {1e3 * statistics.median(ts['diffusers']):.1f} "
+                  f"| {1e3 * statistics.median(ts['ours']):.1f} | {ratio:.2f}x | {diff:.1e} |", flush=True)
 
 
 if __name__ == "__main__":

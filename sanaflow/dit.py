@@ -183,8 +183,8 @@ class MixFFN(nn.Module):
     """GLUMBConv: 1x1 expand + SiLU, 3x3 depthwise conv, GLU gate, 1x1 project (sana-spec §1.8).
 
     The zero-padded 3x3 depthwise conv lets each token see its neighbours; it is what lets SANA drop positional
-    embeddings (arXiv 2410.10629 §2.2, Mix-FFN and NoPE). The 1x1 convs are stored as conv weights (checkpoint
-    layout) but applied as matmuls on the token layout, which avoids two NCHW transposes per block.
+    embeddings (arXiv 2410.10629 §2.2, Mix-FFN and NoPE). The convs run on a channels-last view of the tokens
+    (B, N, D) and the last 1x1 conv as a matmul, so no NCHW transpose is ever copied (benchmarks/dit_speed.py).
     """
 
     def __init__(self, cfg: DiTConfig):
@@ -196,10 +196,9 @@ class MixFFN(nn.Module):
 
     def forward(self, x: Tensor, hw: tuple[int, int]) -> Tensor:               # x: (B, N, D)
         B, N, D = x.shape
-        h = F.silu(F.linear(x, self.inverted.weight.flatten(1), self.inverted.bias))   # (B, N, 2F)
-        h = h.view(B, *hw, -1).permute(0, 3, 1, 2)                              # (B, 2F, H, W) channels-last
-        h = self.depthwise(h).permute(0, 2, 3, 1).reshape(B, N, -1)             # (B, N, 2F)
-        h, gate = h.chunk(2, dim=-1)                                            # 2 x (B, N, F)
+        h = x.reshape(B, *hw, D).permute(0, 3, 1, 2)                            # (B, D, H, W) channels-last view
+        h = self.depthwise(F.silu(self.inverted(h)))                            # (B, 2F, H, W) channels-last
+        h, gate = h.permute(0, 2, 3, 1).reshape(B, N, -1).chunk(2, dim=-1)     # 2 x (B, N, F), no copy
         return F.linear(h * F.silu(gate), self.point.weight.flatten(1))         # (B, N, D)
 
 
@@ -273,7 +272,8 @@ class DiT(nn.Module):
         if text.ndim != 3 or text.shape[0] != B or text.shape[2] != cfg.caption_channels:
             raise ValueError(f"DiT: text of shape {tuple(text.shape)} must be (B={B}, L, {cfg.caption_channels})")
         h, w = H // p, W // p
-        tokens = self.patch_embed(x).flatten(2).transpose(1, 2)                # (B, N, D), row-major
+        # contiguous: a transposed view would make every residual add, norm and matmul of every block copy.
+        tokens = self.patch_embed(x).flatten(2).transpose(1, 2).contiguous()   # (B, N, D), row-major
         pe = self.pos_embed(h, w, x.device)
         if pe is not None:
             tokens = (tokens + pe).to(tokens.dtype)

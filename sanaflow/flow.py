@@ -7,7 +7,6 @@ conversion happens.
 """
 from __future__ import annotations
 
-import torch
 from torch import Tensor
 
 

@@ -16,7 +16,7 @@ import torch
 from safetensors.torch import load_file
 from torch import Tensor, nn
 
-from .dcae import DCAE, DCAEConfig
+from .dcae import DCAE, DCAE_PRESETS, DCAEConfig
 from .dit import DIT_PRESETS, DiT, DiTConfig
 from .keymaps import (dcae_config_from_diffusers, dcae_from_diffusers, dcae_from_original, dit_config_from_diffusers,
                       dit_config_from_original, dit_from_diffusers, dit_from_original)
@@ -192,7 +192,6 @@ def load_original_dit(path: str | Path, dtype: torch.dtype = torch.float32, conf
 def load_original_dcae(path: str | Path, dtype: torch.dtype = torch.float32,
                        config: DCAEConfig | str = "dc-ae-f32c32-sana-1.0") -> DCAE:
     """A mit-han-lab DC-AE checkpoint (model.safetensors, or .pth) -> our DCAE (interop §6.3)."""
-    from .dcae import DCAE_PRESETS
     cfg = DCAE_PRESETS[config] if isinstance(config, str) else config
     sd = read_state_dict(path)
     try:

@@ -105,7 +105,7 @@ def test_bf16_variant_folder_loads_every_component(saved, tmp_path):
     pipe, _ = saved
     pipe.to(torch.bfloat16).save_pretrained(tmp_path, variant="bf16")      # model.bf16.safetensors, ...
     pipe.to(torch.float32)
-    pipe = SanaPipeline.from_pretrained(tmp_path, variant="bf16", torch_dtype=torch.float32)   # same files
+    pipe = SanaPipeline.from_pretrained(tmp_path, variant="bf16", dtype=torch.float32)   # same files
     assert not (tmp_path / "vae" / "diffusion_pytorch_model.safetensors").exists()
     ours = Pipeline.from_pretrained(tmp_path)                               # variant detected per folder
     assert next(ours.text.model.parameters()).dtype == torch.float32        # fp32 unless asked, like diffusers

@@ -30,9 +30,12 @@ def main() -> None:
 @click.option("--sampler", type=click.Choice(["dpm", "euler"]), default="dpm", show_default=True)
 @click.option("--num-images", type=click.IntRange(min=1), default=1, show_default=True)
 @click.option("--negative-prompt", default="", help="Text to steer away from.")
+@click.option("--resolution-binning", is_flag=True,
+              help="Generate at the nearest SANA aspect-ratio bin, then resize and crop to --height x --width.")
 @click.option("--dry-run", is_flag=True, help="Print the resolved request and exit.")
 def generate(prompt: str, out: Path, model: Path | None, steps: int, guidance: float, seed: int, height: int | None,
-             width: int | None, sampler: str, num_images: int, negative_prompt: str, dry_run: bool) -> None:
+             width: int | None, sampler: str, num_images: int, negative_prompt: str, resolution_binning: bool,
+             dry_run: bool) -> None:
     """Generate an image from PROMPT and write it as a PNG (parameters go into its text metadata)."""
     import torch
     from tqdm import tqdm
@@ -49,7 +52,8 @@ def generate(prompt: str, out: Path, model: Path | None, steps: int, guidance: f
     try:
         req = GenerateRequest(prompts=(prompt,), negative_prompt=negative_prompt, height=height or size,
                               width=width or size, steps=steps, guidance=guidance, sampler=sampler,
-                              seeds=tuple(range(seed, seed + num_images)), images_per_prompt=num_images)
+                              seeds=tuple(range(seed, seed + num_images)), images_per_prompt=num_images,
+                              resolution_binning=resolution_binning)
     except ValueError as e:
         raise click.BadParameter(str(e)) from e
     if dry_run:
@@ -60,7 +64,8 @@ def generate(prompt: str, out: Path, model: Path | None, steps: int, guidance: f
                                            for i in range(num_images)]
     for image, path, s in zip(images, paths, req.seeds):
         meta = {"prompt": prompt, "negative_prompt": negative_prompt, "steps": steps, "guidance": guidance,
-                "seed": s, "sampler": sampler, "height": req.height, "width": req.width, "model": pipe.name,
+                "seed": s, "sampler": sampler, "height": req.height, "width": req.width,
+                "resolution_binning": resolution_binning, "model": pipe.name,
                 "software": "sanaflow"}
         save_png(image, path, meta)
         click.echo(f"wrote {path} ({req.width}x{req.height}, seed {s})")

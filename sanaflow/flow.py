@@ -7,6 +7,7 @@ conversion happens.
 """
 from __future__ import annotations
 
+import torch
 from torch import Tensor
 
 
@@ -30,3 +31,24 @@ def network_time(t: Tensor, integer: bool = False) -> Tensor:
     `integer` (training and diffusers' DPM-Solver use int(1000 * sigma); diffusers' Euler passes the float)."""
     t = t.float() * 1000
     return t.trunc() if integer else t
+
+
+def gaussian_mixture_velocity(means: Tensor, stds: Tensor, weights: Tensor):
+    """The exact velocity field of the flow above when x0 ~ sum_k w_k N(means[k], stds[k]^2 I) (per dimension).
+
+    Under component k, (x0, noise, x_t) are jointly Gaussian; with a = 1 - t, b = t:
+        v_k(x) = E[noise - x0 | x_t = x, k] = (b - a s_k^2) / (a^2 s_k^2 + b^2) * (x - a mu_k) - mu_k,
+    and v = sum_k p(k | x_t = x) v_k with p(k | x) from N(x; a mu_k, (a^2 s_k^2 + b^2) I). A closed-form model_fn
+    for measuring samplers against the true ODE (tests, benchmarks/solver_error.py). means: (K, D); stds,
+    weights: (K,). Returns model_fn(x (B, D), t (B,)) -> (B, D), computed in x's dtype.
+    """
+    def model_fn(x: Tensor, t: Tensor) -> Tensor:
+        mu, s, w = means.to(x), stds.to(x), weights.to(x)
+        a, b = (1 - t.to(x))[:, None, None], t.to(x)[:, None, None]          # (B, 1, 1)
+        var = a**2 * s[None, :, None] ** 2 + b**2                            # (B, K, 1)
+        diff = x[:, None, :] - a * mu[None]                                  # (B, K, D)
+        logp = torch.log(w)[None] - 0.5 * (diff**2 / var).sum(-1) - 0.5 * x.shape[-1] * torch.log(var[..., 0])
+        post = torch.softmax(logp, dim=1)[..., None]                         # (B, K, 1)
+        v_k = (b - a * s[None, :, None] ** 2) / var * diff - mu[None]        # (B, K, D)
+        return (post * v_k).sum(1)                                           # (B, D)
+    return model_fn

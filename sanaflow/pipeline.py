@@ -19,7 +19,7 @@ from torch import Tensor
 from .dcae import DCAE, DCAE_PRESETS
 from .dit import DIT_PRESETS, DiT
 from .flow import network_time
-from .samplers import Callback, ModelFn, dpm_solver_2m, euler, flow_times, flow_times_euler
+from .samplers import Callback, ModelFn, dpm_solver_2m, euler, flow_times, flow_times_euler, invert
 from .text import TextConfig, TextEncoder
 
 # name -> (sampler, time grid, integer network timesteps). The pairs are what diffusers' SanaPipeline does with
@@ -62,6 +62,42 @@ def initial_noise(seeds: Sequence[int], shape: tuple[int, ...]) -> Tensor:
                       for s in seeds])
 
 
+# SANA's aspect-ratio bins (PixArt's tables, used by diffusers' SanaPipeline; interop §4.4). All four tables are one
+# table scaled: (h, w) in units of native/16 px, mirrored, ratio keys h/w rounded to 2 decimals. The mirror of
+# 0.52 (1.91) is in none of them, and the 512 and 1024 tables lack seven extreme ratios the larger ones have.
+_BIN_UNITS = ((8, 32), (8, 31), (8, 30), (8, 29), (9, 28), (9, 27), (9, 26), (10, 25), (10, 24), (11, 23), (11, 22),
+              (11, 21), (12, 21), (12, 20), (13, 19), (13, 18), (14, 18), (14, 17), (15, 17), (15, 16), (16, 16))
+_NOT_BELOW_2K = {"0.26", "0.27", "2.89", "3.11", "3.62", "3.75", "3.88"}
+
+
+def aspect_ratio_bins(native: int) -> dict[str, tuple[int, int]]:
+    """{"h/w ratio": (height, width)} for a model of native resolution 512, 1024, 2048 or 4096, ratio ascending."""
+    if native not in (512, 1024, 2048, 4096):
+        raise ValueError(f"native resolution {native}: SANA has aspect-ratio bins for 512, 1024, 2048 and 4096 only")
+    unit = native // 16
+    pairs = list(_BIN_UNITS) + [(w, h) for h, w in reversed(_BIN_UNITS[:-1])]
+    bins = {str(round(h / w, 2)): (h * unit, w * unit) for h, w in pairs}
+    return {k: v for k, v in bins.items() if k != "1.91" and (native >= 2048 or k not in _NOT_BELOW_2K)}
+
+
+def snap_to_bin(height: int, width: int, native: int) -> tuple[int, int]:
+    """The bin whose ratio key is nearest to height / width (the first on ties), as diffusers' classify_height_width_bin."""
+    bins = aspect_ratio_bins(native)
+    return bins[min(bins, key=lambda k: abs(float(k) - height / width))]
+
+
+def resize_and_crop(images: Tensor, height: int, width: int) -> Tensor:
+    """Scale (bilinear) so that both sides cover (height, width), then centre-crop: back from the bin's size."""
+    h, w = images.shape[-2:]
+    if (h, w) == (height, width):
+        return images
+    ratio = max(height / h, width / w)
+    rh, rw = int(h * ratio), int(w * ratio)
+    images = torch.nn.functional.interpolate(images, size=(rh, rw), mode="bilinear", align_corners=False)
+    top, left = (rh - height) // 2, (rw - width) // 2
+    return images[..., top:top + height, left:left + width]
+
+
 @dataclasses.dataclass(frozen=True)
 class GenerateRequest:
     """One generation call; validates itself so that errors name the parameter."""
@@ -74,14 +110,18 @@ class GenerateRequest:
     seeds: tuple[int, ...] = (0,)           # one per image: len(prompts) * images_per_prompt
     sampler: str = "dpm"
     images_per_prompt: int = 1
+    resolution_binning: bool = False        # generate at the nearest SANA aspect-ratio bin, then resize and crop
 
     def __post_init__(self):
         if not self.prompts or not all(isinstance(p, str) for p in self.prompts):
             raise ValueError(f"prompts={self.prompts!r}: need at least one prompt, each a str")
         for name in ("height", "width"):
             value = getattr(self, name)
-            if not isinstance(value, int) or value <= 0 or value % 32:
-                raise ValueError(f"{name}={value!r}: must be a positive multiple of 32 (the DC-AE downsamples by 32)")
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                raise ValueError(f"{name}={value!r}: must be a positive integer")
+            if value % 32 and not self.resolution_binning:
+                raise ValueError(f"{name}={value}: must be a multiple of 32 (the DC-AE downsamples by 32), "
+                                 f"or ask for resolution_binning")
         if not isinstance(self.steps, int) or self.steps < 1:
             raise ValueError(f"steps={self.steps!r}: must be an integer >= 1")
         if not (isinstance(self.guidance, (int, float)) and float(self.guidance) == float(self.guidance)
@@ -128,6 +168,7 @@ class Pipeline:
 
     @property
     def native_size(self) -> int:
+        """The training resolution: the DiT's latent sample_size times the autoencoder's compression."""
         return self.dit.cfg.sample_size * self.vae.cfg.compression
 
     @torch.no_grad()
@@ -136,10 +177,13 @@ class Pipeline:
         """Images (B, 3, H, W) in [0, 1] (or the final latents with output="latent")."""
         sampler, grid, integer_t = SAMPLERS[req.sampler]
         f = self.vae.cfg.compression
-        if req.height % f or req.width % f:
-            raise ValueError(f"height={req.height}, width={req.width}: must be multiples of {f} for this autoencoder")
+        # Bins are chosen by the DiT's sample_size as diffusers does (16, 32, 64, 128 -> the 512 ... 4096 tables).
+        height, width = snap_to_bin(req.height, req.width, 32 * self.dit.cfg.sample_size) if req.resolution_binning \
+            else (req.height, req.width)
+        if height % f or width % f:
+            raise ValueError(f"height={height}, width={width}: must be multiples of {f} for this autoencoder")
         cond = self.text.encode_for_cfg(list(req.prompts), req.negative_prompt, req.images_per_prompt)
-        shape = (self.dit.cfg.in_channels, req.height // f, req.width // f)
+        shape = (self.dit.cfg.in_channels, height // f, width // f)
         if latents is None:
             latents = initial_noise(req.seeds, shape)
         elif tuple(latents.shape) != (len(req.seeds), *shape):
@@ -151,7 +195,21 @@ class Pipeline:
         if output == "latent":
             return x
         vae_dtype = next(self.vae.parameters()).dtype
-        return (self.vae.decode(x.to(vae_dtype)).float() * 0.5 + 0.5).clamp(0, 1)
+        images = resize_and_crop(self.vae.decode(x.to(vae_dtype)).float(), req.height, req.width)
+        return (images * 0.5 + 0.5).clamp(0, 1)
+
+    @torch.no_grad()
+    def invert(self, req: GenerateRequest, latents: Tensor, callback: Callback | None = None) -> Tensor:
+        """Latents (B, C, h, w) -> the noise the sampler would turn into them: the same solver and grid run backwards
+        (t: 0 -> 1) in fp32 with the request's prompts and guidance (guidance 1 is the usual choice)."""
+        sampler, grid, integer_t = SAMPLERS[req.sampler]
+        cond = self.text.encode_for_cfg(list(req.prompts), req.negative_prompt, req.images_per_prompt)
+        if len(latents) != len(cond.text):
+            raise ValueError(f"latents: {len(latents)} rows for {len(cond.text)} images of the request")
+        model_fn = classifier_free(self.dit, cond.text, cond.text_mask, cond.null_text, cond.null_mask,
+                                   float(req.guidance), integer_t)
+        device = next(self.dit.parameters()).device
+        return invert(sampler, model_fn, latents.to(device), grid(req.steps, self.flow_shift).to(device), callback)
 
 
 def save_png(image: Tensor, path: str | Path, metadata: dict | None = None) -> None:

@@ -61,20 +61,34 @@ def dpm_solver_2m(model_fn: ModelFn, x: Tensor, ts: Tensor, callback: Callback |
     """Flow-DPM-Solver: DPM-Solver++(2M) (Lu et al., arXiv 2211.01095, Alg. 2) on the flow's data prediction.
 
     With alpha_t = 1 - t, sigma_t = t, lambda = log(alpha/sigma) and x0 = x - t * v, each step is exact for the
-    linear part of the ODE and uses the last two x0 predictions (midpoint rule) for the rest. The first step and
-    the final step to t = 0 are first order, as in diffusers (final_sigmas_type="zero"); one model call per step.
+    linear part of the ODE and uses the last two x0 predictions (midpoint rule) for the rest. The first and the
+    last step are first order, as in diffusers (final_sigmas_type="zero"); one model call per step.
+    Runs in either direction: with increasing ts it is the inversion (data -> noise). A step that starts at t = 0
+    (lambda = inf) is the first-order step's limit there, an Euler step.
     """
     lam = lambda s: torch.log(1 - s) - torch.log(s)  # noqa: E731  log-SNR; +inf at s = 0
     x0_prev, lam_prev = None, None
     n = len(ts) - 1
     for i in range(n):
         s, t = ts[i], ts[i + 1]
-        x0 = x.float() - s * model_fn(x, s.expand(len(x))).float()              # data prediction
-        h = lam(t) - lam(s)
-        phi = torch.exp(-h) - 1                                                 # -1 on the last step (h = inf)
-        d = x0 if x0_prev is None or i == n - 1 else x0 + 0.5 * (x0 - x0_prev) * h / (lam(s) - lam_prev)
-        x = ((t / s) * x.float() - (1 - t) * phi * d).to(x.dtype)
+        v = model_fn(x, s.expand(len(x))).float()
+        x0 = x.float() - s * v                                                  # data prediction
+        if s == 0:
+            x = (x.float() + t * v).to(x.dtype)
+        else:
+            h = lam(t) - lam(s)
+            phi = torch.exp(-h) - 1                                             # -1 on the last step (h = inf)
+            d = x0 if x0_prev is None or i == n - 1 else x0 + 0.5 * (x0 - x0_prev) * h / (lam(s) - lam_prev)
+            x = ((t / s) * x.float() - (1 - t) * phi * d).to(x.dtype)
         x0_prev, lam_prev = x0, lam(s)
         if callback is not None:
             callback(i, n, x)
     return x
+
+
+def invert(sampler, model_fn: ModelFn, x0: Tensor, ts: Tensor, callback: Callback | None = None) -> Tensor:
+    """Run `sampler` backwards, data -> noise, over the reversed grid `ts` (given as for sampling, 1 -> 0), in fp32.
+
+    Each step evaluates the model at the point it starts from, so inversion is approximate: it recovers the noise
+    of a sample to the accuracy of the solver (tests/test_samplers.py measures it)."""
+    return sampler(model_fn, x0.float(), ts.flip(0).float(), callback)

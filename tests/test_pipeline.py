@@ -1,6 +1,7 @@
 """A whole SANA folder written by diffusers' SanaPipeline.save_pretrained: loaded by us, it gives diffusers' outputs."""
 import json
 
+import numpy as np
 import pytest
 import torch
 from diffusers import AutoencoderDC, DPMSolverMultistepScheduler, FlowMatchEulerDiscreteScheduler, SanaPipeline
@@ -114,3 +115,110 @@ def test_bf16_variant_folder_loads_every_component(saved, tmp_path):
         torch.testing.assert_close(ours.text.encode(["a cat"])[0], expected, atol=1e-6, rtol=0)
         z = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0))
         torch.testing.assert_close(ours.vae.decode(z), pipe.vae.decode(z / 0.41407).sample, atol=1e-5, rtol=0)
+
+
+# ---- issue 4: seeds, guidance, binning, inversion, the CLI, bad input ----------------------------------------------
+
+
+def test_same_seed_same_image_at_any_batch_size_and_other_seeds_differ(saved):
+    _, path = saved
+    pipe = Pipeline.from_pretrained(path)
+    one = pipe.generate(GenerateRequest(prompts=("a cat",), height=32, width=32, steps=4, seeds=(7,)))
+    three = pipe.generate(GenerateRequest(prompts=("a cat",), height=32, width=32, steps=4, seeds=(5, 6, 7),
+                                          images_per_prompt=3))
+    torch.testing.assert_close(three[2:], one, atol=1e-5, rtol=0)   # batching changes float summation order only
+    assert (three[0] - three[1]).abs().max() > 1e-3 and (three[1] - three[2]).abs().max() > 1e-3
+
+
+def test_guidance_is_the_cfg_formula_and_scale_one_is_the_conditional_model(saved):
+    from sanaflow.pipeline import classifier_free, dit_velocity
+    _, path = saved
+    pipe = Pipeline.from_pretrained(path)
+    c = pipe.text.encode_for_cfg(["a red cat", "the mat"], "blurry")
+    x, t = torch.randn(2, 4, 6, 6, generator=torch.Generator().manual_seed(0)), torch.tensor([0.7, 0.7])
+    v_text = dit_velocity(pipe.dit, c.text, c.text_mask, True)(x, t)          # separate, unbatched calls
+    v_null = dit_velocity(pipe.dit, c.null_text, c.null_mask, True)(x, t)
+    assert (v_text - v_null).abs().max() > 1e-3                               # the prompts matter
+    for scale in (1.0, 4.5, 0.0):
+        cfg = classifier_free(pipe.dit, c.text, c.text_mask, c.null_text, c.null_mask, scale, True)(x, t)
+        torch.testing.assert_close(cfg, v_null + scale * (v_text - v_null), atol=1e-5, rtol=0)
+    torch.testing.assert_close(classifier_free(pipe.dit, c.text, c.text_mask, c.null_text, c.null_mask, 1.0, True)(x, t),
+                               v_text, atol=1e-6, rtol=0)
+
+
+def test_aspect_ratio_bins_are_diffusers_tables():
+    from diffusers.pipelines.pixart_alpha.pipeline_pixart_alpha import ASPECT_RATIO_512_BIN, ASPECT_RATIO_1024_BIN
+    from diffusers.pipelines.pixart_alpha.pipeline_pixart_sigma import ASPECT_RATIO_2048_BIN
+    from diffusers.pipelines.sana.pipeline_sana import ASPECT_RATIO_4096_BIN
+    from sanaflow.pipeline import aspect_ratio_bins, snap_to_bin
+    for native, table in ((512, ASPECT_RATIO_512_BIN), (1024, ASPECT_RATIO_1024_BIN), (2048, ASPECT_RATIO_2048_BIN),
+                          (4096, ASPECT_RATIO_4096_BIN)):
+        assert aspect_ratio_bins(native) == {k: (int(h), int(w)) for k, (h, w) in table.items()}   # order too
+    # diffusers-interop §4.4 examples on the 1024 table
+    assert [snap_to_bin(h, w, 1024) for h, w in ((1024, 1024), (720, 1280), (1000, 1500), (512, 512), (32, 32))] == \
+        [(1024, 1024), (768, 1344), (832, 1216), (1024, 1024), (1024, 1024)]
+    with pytest.raises(ValueError, match="256"):
+        aspect_ratio_bins(256)
+
+
+def test_resolution_binning_matches_diffusers(tmp_path):
+    torch.manual_seed(0)
+    tok = make_tokenizer()
+    pipe = SanaPipeline(tokenizer=tok, text_encoder=make_gemma(len(tok)), vae=AutoencoderDC(**VAE).eval(),
+                        transformer=SanaTransformer2DModel(**{**TRANSFORMER, "sample_size": 16}).eval(),
+                        scheduler=DPMSolverMultistepScheduler(use_flow_sigmas=True, flow_shift=3.0,
+                                                              prediction_type="flow_prediction"))
+    pipe.save_pretrained(tmp_path)
+    # 90 x 220: ratio 0.41 -> bin "0.42" of the 512 table, 320 x 768, latents 160 x 384 with this 2x autoencoder
+    expected = pipe("a cat", height=90, width=220, num_inference_steps=2, guidance_scale=1.0, output_type="pt",
+                    generator=torch.Generator("cpu").manual_seed(3)).images
+    got = Pipeline.from_pretrained(tmp_path).generate(
+        GenerateRequest(prompts=("a cat",), height=90, width=220, steps=2, guidance=1.0, seeds=(3,),
+                        resolution_binning=True))
+    assert got.shape == expected.shape == (1, 3, 90, 220)
+    torch.testing.assert_close(got, expected, atol=1e-4, rtol=0)
+
+
+def test_pipeline_inversion_recovers_the_noise(saved):
+    _, path = saved
+    pipe = Pipeline.from_pretrained(path)
+    for sampler in ("dpm", "euler"):
+        req = GenerateRequest(prompts=("a cat", "a dog"), height=32, width=32, steps=50, guidance=1.0, seeds=(1, 2),
+                              sampler=sampler, images_per_prompt=1)
+        noise = initial_noise(req.seeds, (4, 16, 16))
+        latents = pipe.generate(req, latents=noise, output="latent")
+        recovered = pipe.invert(req, latents)
+        cos = torch.nn.functional.cosine_similarity(recovered.flatten(1), noise.flatten(1))
+        assert cos.min() >= 0.99, (sampler, cos)
+
+
+@pytest.mark.parametrize("changes, name", [
+    (dict(steps=0), "steps"), (dict(guidance=float("nan")), "guidance"), (dict(guidance=float("inf")), "guidance"),
+    (dict(height=100), "height"), (dict(width=48), "width"), (dict(prompts=()), "prompts"),
+    (dict(seeds=(1, 2)), "seeds"), (dict(sampler="heun"), "sampler"), (dict(images_per_prompt=0), "images_per_prompt"),
+])
+def test_bad_requests_name_the_parameter(changes, name):
+    base = dict(prompts=("a cat",), height=64, width=64, steps=4, seeds=(0,))
+    with pytest.raises(ValueError, match=name):
+        GenerateRequest(**{**base, **changes})
+    GenerateRequest(**{**base, "height": 100, "resolution_binning": True})     # any size, once binning is on
+
+
+def test_cli_generate_writes_a_png_with_its_parameters(saved, tmp_path):
+    from click.testing import CliRunner
+    from PIL import Image
+    from sanaflow.cli import main
+    _, path = saved
+    out = tmp_path / "cat.png"
+    result = CliRunner().invoke(main, ["generate", "a red cat", "--model", str(path), "-o", str(out), "--steps", "3",
+                                       "--seed", "4", "--height", "32", "--width", "64", "--sampler", "euler"])
+    assert result.exit_code == 0, result.output
+    image = Image.open(out)
+    assert image.size == (64, 32)
+    assert image.text["prompt"] == "a red cat" and image.text["seed"] == "4" and image.text["sampler"] == "euler"
+    expected = Pipeline.from_pretrained(path).generate(GenerateRequest(
+        prompts=("a red cat",), height=32, width=64, steps=3, seeds=(4,), sampler="euler"))[0]
+    pixels = torch.from_numpy(np.asarray(image)).permute(2, 0, 1).float() / 255
+    assert (pixels - expected).abs().max() <= 1 / 255 + 1e-6                  # 8-bit rounding only
+    bad = CliRunner().invoke(main, ["generate", "a cat", "--model", str(path), "--height", "48", "-o", str(out)])
+    assert bad.exit_code != 0 and "height=48" in bad.output

@@ -111,7 +111,7 @@ def test_samplers_converge_to_the_exact_solution_with_their_orders():
     order = lambda e, a, b: math.log(e[a] / e[b]) / math.log(b / a)  # noqa: E731
     assert 0.9 < order(err["euler"], 100, 400) < 1.1               # first order
     # Second order, reached only asymptotically on SANA's grid: its last steps near t = 0 stay O(1) long in
-    # lambda = log((1 - t) / t) whatever N is. Measured 1.50 (100 -> 200 -> 400: 1.50, 1.66).
+    # lambda = log((1 - t) / t) whatever N is. Measured: 1.50 (100 -> 200), 1.66 (200 -> 400).
     assert order(err["dpm"], 200, 400) > 1.5
     assert all(err["dpm"][n] < err["euler"][n] for n in err["dpm"])
     assert all(err["dpm"][n] < err["euler"][n] / 3 for n in (50, 100, 200, 400))

@@ -145,34 +145,29 @@ def _build(cls, cfg):
         return cls(cfg)
 
 
-def load_dit(folder: str | Path, dtype: torch.dtype = torch.float32, variant: str | None = None) -> DiT:
-    """A diffusers `transformer/` folder (config.json + safetensors, sharded or not, any variant) -> our DiT."""
+def _load_component(folder: str | Path, model_cls, config_fn, convert_fn, dtype, variant):
+    """config.json -> our config (config_fn), weights -> our keys (convert_fn), strict load; errors name the folder."""
     folder = Path(folder)
     try:
-        cfg = dit_config_from_diffusers(read_json(folder / "config.json"))
+        cfg = config_fn(read_json(folder / "config.json"))
     except ValueError as e:
         raise CheckpointError(f"{folder / 'config.json'}: {e}") from e
     sd = read_diffusers_weights(folder, variant=variant)
     try:
-        sd = dit_from_diffusers(sd, cfg)
+        sd = convert_fn(sd, cfg)
     except (KeyError, RuntimeError) as e:   # RuntimeError: q/k/v that cannot be fused (wrong shapes)
-        raise CheckpointError(f"{folder}: transformer weights do not match config.json: {e.args[0]}") from e
-    return load_into(_build(DiT, cfg), sd, str(folder), dtype)
+        raise CheckpointError(f"{folder}: weights do not match config.json: {e.args[0]}") from e
+    return load_into(_build(model_cls, cfg), sd, str(folder), dtype)
+
+
+def load_dit(folder: str | Path, dtype: torch.dtype = torch.float32, variant: str | None = None) -> DiT:
+    """A diffusers `transformer/` folder (config.json + safetensors, sharded or not, any variant) -> our DiT."""
+    return _load_component(folder, DiT, dit_config_from_diffusers, dit_from_diffusers, dtype, variant)
 
 
 def load_dcae(folder: str | Path, dtype: torch.dtype = torch.float32, variant: str | None = None) -> DCAE:
     """A diffusers `vae/` folder of AutoencoderDC -> our DCAE."""
-    folder = Path(folder)
-    try:
-        cfg = dcae_config_from_diffusers(read_json(folder / "config.json"))
-    except ValueError as e:
-        raise CheckpointError(f"{folder / 'config.json'}: {e}") from e
-    sd = read_diffusers_weights(folder, variant=variant)
-    try:
-        sd = dcae_from_diffusers(sd, cfg)
-    except (KeyError, RuntimeError) as e:
-        raise CheckpointError(f"{folder}: autoencoder weights do not match config.json: {e.args[0]}") from e
-    return load_into(_build(DCAE, cfg), sd, str(folder), dtype)
+    return _load_component(folder, DCAE, dcae_config_from_diffusers, dcae_from_diffusers, dtype, variant)
 
 
 def load_original_dit(path: str | Path, dtype: torch.dtype = torch.float32, config: DiTConfig | str | None = None,

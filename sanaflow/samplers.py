@@ -86,6 +86,21 @@ def dpm_solver_2m(model_fn: ModelFn, x: Tensor, ts: Tensor, callback: Callback |
     return x
 
 
+@torch.no_grad()
+def rk4(model_fn: ModelFn, x: Tensor, ts: Tensor, callback: Callback | None = None) -> Tensor:
+    """Classical 4th-order Runge-Kutta, four model calls per step: a reference solution, not a fast sampler."""
+    for i, (t, t_next) in enumerate(zip(ts[:-1], ts[1:])):
+        h, at = t_next - t, lambda s: s.expand(len(x))  # noqa: E731
+        k1 = model_fn(x, at(t))
+        k2 = model_fn(x + h / 2 * k1, at(t + h / 2))
+        k3 = model_fn(x + h / 2 * k2, at(t + h / 2))
+        k4 = model_fn(x + h * k3, at(t_next))
+        x = x + h / 6 * (k1 + 2 * k2 + 2 * k3 + k4)
+        if callback is not None:
+            callback(i, len(ts) - 1, x)
+    return x
+
+
 def invert(sampler, model_fn: ModelFn, x0: Tensor, ts: Tensor, callback: Callback | None = None) -> Tensor:
     """Run `sampler` backwards, data -> noise, over the reversed grid `ts` (given as for sampling, 1 -> 0), in fp32.
 

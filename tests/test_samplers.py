@@ -6,7 +6,7 @@ import torch
 from diffusers import DPMSolverMultistepScheduler, FlowMatchEulerDiscreteScheduler
 
 from sanaflow.flow import gaussian_mixture_velocity, shift_time
-from sanaflow.samplers import dpm_solver_2m, euler, flow_times, flow_times_euler, invert
+from sanaflow.samplers import dpm_solver_2m, euler, flow_times, flow_times_euler, invert, rk4
 
 W = torch.randn(6, 6, generator=torch.Generator().manual_seed(3)) * 0.5
 
@@ -72,18 +72,6 @@ def mixture():
     return v, torch.randn(64, 8, generator=g, dtype=torch.float64)
 
 
-def rk4(v, x, ts):
-    """Classical Runge-Kutta, 4th order: the reference solution of the ODE on a fine grid."""
-    for t, tn in zip(ts[:-1], ts[1:]):
-        h, T = tn - t, lambda s: s.expand(len(x))
-        k1 = v(x, T(t))
-        k2 = v(x + h / 2 * k1, T(t + h / 2))
-        k3 = v(x + h / 2 * k2, T(t + h / 2))
-        k4 = v(x + h * k3, T(tn))
-        x = x + h / 6 * (k1 + 2 * k2 + 2 * k3 + k4)
-    return x
-
-
 def test_the_mixture_velocity_is_the_conditional_expectation():
     # Monte Carlo check of v(x, t) = E[noise - x0 | x_t = x] for a single Gaussian (closed form: linear in x).
     mu, s, t = torch.tensor([[1.0, -2.0]]), 0.7, 0.4
@@ -130,3 +118,17 @@ def test_inversion_recovers_the_noise_of_a_50_step_sample(sampler):
     # and it is the solver, not luck: a 5-step inversion is measurably worse
     coarse = invert(sampler, v, sample, flow_times(5, 3.0))
     assert (coarse.double() - z).norm() > 2 * (recovered.double() - z).norm()
+
+
+def test_single_gaussian_has_a_closed_form_solution_that_every_solver_reaches():
+    # Data N(mu, s^2 I): x_t = (1 - t) mu + sqrt((1 - t)^2 s^2 + t^2) z solves the ODE, so noise z at t = 1 maps to
+    # mu + s z. This checks rk4 (the reference of the mixture tests) against an answer that is not a solver's.
+    mu, s = torch.tensor([[0.5, -1.0, 2.0]], dtype=torch.float64), 0.6
+    v = gaussian_mixture_velocity(mu, torch.tensor([s]), torch.tensor([1.0]))
+    z = torch.randn(32, 3, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    exact = mu + s * z
+    ts = shift_time(torch.linspace(1, 0, 101, dtype=torch.float64), 3.0)
+    assert (rk4(v, z.clone(), ts) - exact).abs().max() < 1e-6                    # measured 1.2e-7
+    assert (rk4(v, z.clone(), ts[::2].contiguous()) - exact).abs().max() > 4 * (rk4(v, z.clone(), ts) - exact).abs().max()
+    for sampler, tol in ((euler, 0.06), (dpm_solver_2m, 0.01)):                 # measured 0.047, 0.0077
+        assert (sampler(v, z.clone(), ts) - exact).abs().max() < tol

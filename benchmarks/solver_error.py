@@ -1,8 +1,8 @@
 """Final-sample error against the exact ODE solution versus NFE, Flow-Euler and Flow-DPM-Solver, on an exact flow.
 
 Data is a Gaussian mixture, so the velocity is known in closed form (`sanaflow.flow.gaussian_mixture_velocity`);
-the exact solution is classical RK4 on 4000 shifted steps from t = 1 (its own change from 2000 steps is printed; on a single Gaussian, where the answer is closed-form, this
-RK4 is within 1.2e-7 at 100 steps: tests/test_samplers.py).
+the exact solution is classical RK4 on 4000 shifted steps from t = 1 (its change from 2000 steps is printed; on a
+single Gaussian, where the answer is closed-form, this RK4 is within 1.2e-7 at 100 steps: tests/test_samplers.py).
 Both samplers start from the same noise at t = 1 with SANA's flow shift 3 and run as SANA runs them: Flow-Euler on
 the FlowMatchEuler grid (from t = 1), Flow-DPM-Solver on the DPM grid (from t = 0.999, taking the noise as x there).
 A third column runs Euler on the DPM grid, to separate the solver from the grid. Error: RMS over samples and dims.

@@ -99,5 +99,42 @@ def data_shapes(out: Path, num: int, size: int, fmt: str, seed: int, held_out: b
         click.echo(f"wrote {write_folder(items, out, progress=True)} samples to {out}")
 
 
+@main.command("eval")
+@click.option("--model", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
+              help="Local diffusers-format SANA folder (default: the bundled model).")
+@click.option("--prompts", "prompts_file", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
+              help="JSON-lines prompt file (sanaflow.geneval.save_prompts); default: the held-out prompt set.")
+@click.option("--split", type=click.Choice(["held-out", "train"]), default="held-out", show_default=True,
+              help="Built-in prompt set when --prompts is not given.")
+@click.option("--per-category", type=click.IntRange(min=1), default=50, show_default=True)
+@click.option("--images-per-prompt", type=click.IntRange(min=1), default=4, show_default=True)
+@click.option("--steps", type=click.IntRange(min=1), default=20, show_default=True)
+@click.option("--guidance", type=float, default=4.5, show_default=True)
+@click.option("--sampler", type=click.Choice(["dpm", "euler"]), default="dpm", show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=Path("eval"), show_default=True)
+def evaluate(model: Path | None, prompts_file: Path | None, split: str, per_category: int, images_per_prompt: int,
+             steps: int, guidance: float, sampler: str, seed: int, out: Path) -> None:
+    """GenEval-style evaluation with the offline shapes detector: report.json, report.md and grid.png in OUT."""
+    import numpy as np
+    import torch
+    from .geneval import evaluate_pipeline, load_prompts, prompt_set, write_report
+    from .pipeline import GenerateRequest, Pipeline, load_default
+
+    torch.set_grad_enabled(False)
+    pipe = Pipeline.from_pretrained(model) if model is not None else load_default()
+    prompts = load_prompts(prompts_file) if prompts_file else prompt_set(split == "held-out", seed, per_category)
+
+    def generate_fn(texts: list[str], seeds: list[int]) -> np.ndarray:
+        req = GenerateRequest(prompts=tuple(texts), height=pipe.native_size, width=pipe.native_size, steps=steps,
+                              guidance=guidance, sampler=sampler, seeds=tuple(seeds))
+        return (pipe.generate(req).permute(0, 2, 3, 1).numpy() * 255).round().astype(np.uint8)
+
+    report = evaluate_pipeline(generate_fn, prompts, images_per_prompt=images_per_prompt, seed=seed)
+    write_report(report, out)
+    click.echo(f"overall {report.overall:.3f} ({len(prompts)} prompts x {images_per_prompt} images); "
+               f"report in {out}")
+
+
 if __name__ == "__main__":
     main()

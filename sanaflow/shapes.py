@@ -344,7 +344,7 @@ _WRAPS = ("{body}", "{body} on a {bg} background", "a {bg} background with {body
           "an image of {body}", "a picture of {body} on a {bg} background", "{body} against a {bg} background")
 
 # Phrasings used only for held-out captions, so the evaluator can test unseen wording.
-_HELD_OUT_SHAPE_WORDS = {"circle": ("disc",), "cross": ("plus sign",)}
+HELD_OUT_SHAPE_WORDS = {"circle": ("disc",), "cross": ("plus sign",)}
 _HELD_OUT_SIZE_WORDS = {"large": ("big",)}
 _HELD_OUT_REL_WORDS = {"below": ("beneath",)}
 _HELD_OUT_WRAPS = ("a photo of {body}", "{body} set against a {bg} backdrop", "a {bg} backdrop behind {body}")
@@ -373,7 +373,7 @@ class _Phraser:
             words.append(self.pick(_SIZE_WORDS, _HELD_OUT_SIZE_WORDS, key["size"]))
         if "color" in key:
             words.append(key["color"])
-        noun = self.pick(_SHAPE_WORDS, _HELD_OUT_SHAPE_WORDS, key["shape"])
+        noun = self.pick(_SHAPE_WORDS, HELD_OUT_SHAPE_WORDS, key["shape"])
         words.append(noun if count == 1 else _plural(noun))
         if count > 1:
             words.insert(0, _NUMBERS[count])

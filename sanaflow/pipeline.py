@@ -171,6 +171,11 @@ class Pipeline:
         """The training resolution: the DiT's latent sample_size times the autoencoder's compression."""
         return self.dit.cfg.sample_size * self.vae.cfg.compression
 
+    def _guided_velocity(self, req: GenerateRequest, integer_t: bool) -> ModelFn:
+        """The request's prompts, negative prompt and guidance as one model_fn over flow time."""
+        c = self.text.encode_for_cfg(list(req.prompts), req.negative_prompt, req.images_per_prompt)
+        return classifier_free(self.dit, c.text, c.text_mask, c.null_text, c.null_mask, float(req.guidance), integer_t)
+
     @torch.no_grad()
     def generate(self, req: GenerateRequest, latents: Tensor | None = None, callback: Callback | None = None,
                  output: str = "image") -> Tensor:
@@ -182,15 +187,13 @@ class Pipeline:
             else (req.height, req.width)
         if height % f or width % f:
             raise ValueError(f"height={height}, width={width}: must be multiples of {f} for this autoencoder")
-        cond = self.text.encode_for_cfg(list(req.prompts), req.negative_prompt, req.images_per_prompt)
+        model_fn = self._guided_velocity(req, integer_t)
         shape = (self.dit.cfg.in_channels, height // f, width // f)
         if latents is None:
             latents = initial_noise(req.seeds, shape)
         elif tuple(latents.shape) != (len(req.seeds), *shape):
             raise ValueError(f"latents: shape {tuple(latents.shape)} != {(len(req.seeds), *shape)}")
         device = next(self.dit.parameters()).device
-        model_fn = classifier_free(self.dit, cond.text, cond.text_mask, cond.null_text, cond.null_mask,
-                                   float(req.guidance), integer_t)
         x = sampler(model_fn, latents.float().to(device), grid(req.steps, self.flow_shift).to(device), callback)
         if output == "latent":
             return x
@@ -203,11 +206,9 @@ class Pipeline:
         """Latents (B, C, h, w) -> the noise the sampler would turn into them: the same solver and grid run backwards
         (t: 0 -> 1) in fp32 with the request's prompts and guidance (guidance 1 is the usual choice)."""
         sampler, grid, integer_t = SAMPLERS[req.sampler]
-        cond = self.text.encode_for_cfg(list(req.prompts), req.negative_prompt, req.images_per_prompt)
-        if len(latents) != len(cond.text):
-            raise ValueError(f"latents: {len(latents)} rows for {len(cond.text)} images of the request")
-        model_fn = classifier_free(self.dit, cond.text, cond.text_mask, cond.null_text, cond.null_mask,
-                                   float(req.guidance), integer_t)
+        if len(latents) != len(req.seeds):
+            raise ValueError(f"latents: {len(latents)} rows for {len(req.seeds)} images of the request")
+        model_fn = self._guided_velocity(req, integer_t)
         device = next(self.dit.parameters()).device
         return invert(sampler, model_fn, latents.to(device), grid(req.steps, self.flow_shift).to(device), callback)
 

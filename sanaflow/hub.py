@@ -1,25 +1,32 @@
-"""Official SANA weights from local paths: diffusers folders and original NVlabs / mit-han-lab files.
+"""Official SANA weights from local paths: diffusers folders and original NVlabs / mit-han-lab files; and our
+models written back as diffusers folders, the format users load checkpoints through.
 
 Foreign weights are converted here, at the edge, by explicit key maps (interop §1.3, §6.2, §6.3); the models
 never know where their weights came from. Every converter pops the keys it uses and fails on leftovers, every
 loader names the file it was reading when something is wrong, and nothing here unpickles code: safetensors, or
-`torch.load(weights_only=True)` for `.pth`/`.bin`.
+`torch.load(weights_only=True)` for `.pth`/`.bin`. Every writer builds its folder beside the target and renames
+it into place, so a crash never leaves a half-written folder where a good one was.
 """
 from __future__ import annotations
 
 import json
+import os
 import pickle
 import re
+import shutil
+import uuid
 from pathlib import Path
+from typing import Callable
 
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from .dcae import DCAE, DCAE_PRESETS, DCAEConfig
 from .dit import DIT_PRESETS, DiT, DiTConfig
-from .keymaps import (dcae_config_from_diffusers, dcae_from_diffusers, dcae_from_original, dit_config_from_diffusers,
-                      dit_config_from_original, dit_from_diffusers, dit_from_original)
+from .keymaps import (dcae_config_from_diffusers, dcae_config_to_diffusers, dcae_from_diffusers, dcae_from_original,
+                      dcae_to_diffusers, dit_config_from_diffusers, dit_config_from_original, dit_config_to_diffusers,
+                      dit_from_diffusers, dit_from_original, dit_to_diffusers)
 
 StateDict = dict[str, Tensor]
 
@@ -194,3 +201,136 @@ def load_original_dcae(path: str | Path, dtype: torch.dtype = torch.float32,
     except (KeyError, RuntimeError) as e:
         raise CheckpointError(f"{path}: {e.args[0]}") from e
     return load_into(_build(DCAE, cfg), sd, str(path), dtype)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Writers
+
+
+# The diffusers release our folders are checked against (tests load them with it; pyproject's dev pin). diffusers
+# reads "_diffusers_version" only to decide on deprecation shims for old folders.
+DIFFUSERS_VERSION = "0.42.1"
+WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
+
+
+def write_json(path: Path, obj: dict) -> None:
+    """JSON as diffusers writes its configs (sorted keys, indent 2); the folder is created. Not atomic on its own:
+    used inside `write_folder_atomic`."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
+
+
+def _fsync(path: Path | str) -> None:
+    if os.name != "posix" and Path(path).is_dir():      # directories cannot be opened for fsync on Windows
+        return
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_tree(root: Path) -> None:
+    """Flush every file and folder under root, so that the rename that publishes it cannot overtake the data."""
+    for folder, _, files in os.walk(root):
+        for name in files:
+            _fsync(os.path.join(folder, name))
+        _fsync(folder)
+
+
+def _named(e: OSError, message: str) -> OSError:
+    """`message` as an OSError of e's kind (PermissionError, ...) when e has an errno."""
+    return OSError(e.errno, message) if e.errno else OSError(message)
+
+
+def write_folder_atomic(folder: str | Path, write: Callable[[Path], None]) -> Path:
+    """Replace `folder` by what write(tmp) puts into a fresh temporary sibling folder; returns `folder`.
+
+    Whatever write does, `folder` is either left as it was or replaced by a complete new folder: write fills
+    `.{name}.tmp-*` beside it (same file system, so renames are atomic), and only a complete, flushed folder is
+    renamed into place. On an exception the temporary folder is removed and the exception propagates; OSErrors
+    are re-raised naming `folder`. POSIX cannot rename onto a non-empty folder, so an existing one is first
+    renamed to `.{name}.old-*` and deleted after the swap: between the two renames `folder` is briefly absent,
+    never partial (a crash just then leaves the old folder complete under that name).
+    """
+    folder = Path(folder)
+    if folder.exists() and not folder.is_dir():
+        raise FileExistsError(f"{folder}: exists and is not a folder; not replacing it")
+    tmp = folder.with_name(f".{folder.name}.tmp-{uuid.uuid4().hex[:8]}")
+    try:
+        try:
+            folder.parent.mkdir(parents=True, exist_ok=True)
+            tmp.mkdir()             # not tempfile.mkdtemp: its mode 0o700 would stay on the published folder
+            write(tmp)
+            _fsync_tree(tmp)
+        except OSError as e:
+            raise _named(e, f"{folder}: could not write the new folder ({type(e).__name__}: {e}); the existing "
+                            f"one, if any, is unchanged") from e
+        _publish(tmp, folder)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return folder
+
+
+def _publish(tmp: Path, folder: Path) -> None:
+    """Rename the complete folder `tmp` to `folder`, moving an existing `folder` aside first and back on failure."""
+    old = None
+    try:
+        if folder.exists():
+            old = folder.with_name(f".{folder.name}.old-{uuid.uuid4().hex[:8]}")
+            os.replace(folder, old)
+        os.replace(tmp, folder)
+    except BaseException as e:
+        if old is not None and old.exists():
+            try:
+                os.replace(old, folder)                                 # put the previous folder back
+            except OSError as e2:
+                raise _named(e2, f"{folder}: could not rename the new folder into place ({e}), nor put the "
+                                 f"previous one back ({e2}); the previous one is complete at {old}") from e
+        if isinstance(e, OSError):
+            raise _named(e, f"{folder}: could not rename the new folder into place ({type(e).__name__}: {e}); "
+                            f"the existing one, if any, is unchanged") from e
+        raise
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+    _fsync(folder.parent)                                               # make the rename itself durable
+
+
+def _save_component(model: nn.Module, folder: str | Path, cls: type, class_name: str, config_fn, convert_fn,
+                    dtype: torch.dtype | None) -> Path:
+    """Our model -> a diffusers component folder: config.json (+ _class_name, _diffusers_version) and one
+    safetensors file, written atomically. Everything that can be wrong is checked before anything is written."""
+    folder = Path(folder)
+    if not isinstance(model, cls):
+        raise TypeError(f"{folder}: expected a sanaflow {cls.__name__}, got {type(model).__name__} "
+                        f"(unwrap DDP / torch.compile first: model.module, model._orig_mod)")
+    if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+        raise ValueError(f"{folder}: dtype={dtype!r} must be a floating-point torch.dtype, or None for the model's")
+    try:
+        config = {"_class_name": class_name, "_diffusers_version": DIFFUSERS_VERSION, **config_fn(model.cfg)}
+        sd = convert_fn(model.state_dict(), model.cfg)
+    except (KeyError, ValueError) as e:
+        raise ValueError(f"{folder}: cannot write the {class_name} folder: {e.args[0] if e.args else e}") from e
+    # safetensors stores CPU, contiguous tensors; the model's own dtype unless asked otherwise.
+    tensors = {k: v.detach().to("cpu", dtype if dtype is not None and v.is_floating_point() else v.dtype)
+               .contiguous() for k, v in sd.items()}
+
+    def write(tmp: Path) -> None:
+        write_json(tmp / "config.json", config)
+        save_file(tensors, tmp / WEIGHTS_NAME, metadata={"format": "pt"})   # diffusers' header metadata
+
+    return write_folder_atomic(folder, write)
+
+
+def save_dit(model: DiT, folder: str | Path, dtype: torch.dtype | None = None) -> Path:
+    """Our DiT -> a diffusers `transformer/` folder of SanaTransformer2DModel (config.json +
+    diffusion_pytorch_model.safetensors), in the model's dtype or `dtype`. Atomic; `load_dit` reads it back."""
+    return _save_component(model, folder, DiT, "SanaTransformer2DModel", dit_config_to_diffusers, dit_to_diffusers,
+                           dtype)
+
+
+def save_dcae(model: DCAE, folder: str | Path, dtype: torch.dtype | None = None) -> Path:
+    """Our DCAE -> a diffusers `vae/` folder of AutoencoderDC, scaling_factor included. Atomic; `load_dcae`
+    reads it back."""
+    return _save_component(model, folder, DCAE, "AutoencoderDC", dcae_config_to_diffusers, dcae_to_diffusers, dtype)

@@ -1,8 +1,12 @@
-"""State-dict key maps and config translation: diffusers and original NVlabs / mit-han-lab checkpoints -> ours.
+"""State-dict key maps and config translation: diffusers and original NVlabs / mit-han-lab checkpoints -> ours,
+and ours -> diffusers (for writing diffusers folders).
 
-Pure functions, no IO (loading is `sanaflow.hub`). Each converter pops every tensor it uses and fails on missing
-or leftover keys, so a checkpoint for a different architecture never loads half-way. Unwrapping
+Pure functions, no IO (loading and saving is `sanaflow.hub`). Each converter pops every tensor it uses and fails on
+missing or leftover keys, so a checkpoint for a different architecture never loads half-way. Unwrapping
 "model"/"module"/"state_dict" nesting is the caller's job.
+
+Both directions of each diffusers map are read off one table (`_dit_key_table`, `_key_table`), so the writer can
+never disagree with the loader about a name.
 
 Linear DiT: our names (sanaflow/dit.py) follow NVlabs' closely; diffusers splits q/k/v and k/v, which we fuse.
 
@@ -30,8 +34,115 @@ StateDict = dict[str, Tensor]
 
 
 ####################################################################################################################
-# Linear DiT (ours <- diffusers, ours <- NVlabs). Ours: sanaflow/dit.py module names.
+# Key tables, read in both directions
 ####################################################################################################################
+
+
+class _Key(NamedTuple):
+    ours: str
+    diffusers: tuple[str, ...]      # several names are concatenated along dim 0 (to_q, to_k, to_v -> qkv)
+    original: str = ""              # NVlabs / mit-han-lab name (DC-AE table only; the DiT's is dit_from_original)
+    linear: bool = False            # diffusers stores it as nn.Linear (out, in); ours is a 1x1 conv (out, in, 1, 1)
+
+
+def _raise_on_mismatch(fn: str, missing: list[str], leftover: dict[str, Tensor], config: str) -> None:
+    problems = []
+    if missing:
+        problems.append(f"{len(missing)} expected keys missing: {missing[:10]}")
+    if leftover:
+        problems.append(f"{len(leftover)} unexpected keys not converted: {sorted(leftover)[:10]}")
+    if problems:
+        raise KeyError(f"{fn}: " + "; ".join(problems) + f" (does the {config} match the weights?)")
+
+
+def _from_diffusers(sd: StateDict, table: list[_Key], fn: str, config: str) -> StateDict:
+    """diffusers names -> ours by `table`: split tensors are concatenated, Linear weights become 1x1 convs."""
+    sd, out, missing = dict(sd), {}, []
+    for key in table:
+        if any(name not in sd for name in key.diffusers):
+            missing += [name for name in key.diffusers if name not in sd]
+            continue
+        parts = [sd.pop(name) for name in key.diffusers]
+        t = parts[0] if len(parts) == 1 else torch.cat(parts, dim=0)
+        out[key.ours] = t[:, :, None, None] if key.linear else t            # (out, in) -> (out, in, 1, 1)
+    _raise_on_mismatch(fn, missing, sd, config)
+    return out
+
+
+def _to_diffusers(sd: StateDict, table: list[_Key], fn: str, config: str) -> StateDict:
+    """Ours -> diffusers names by `table`, the exact inverse of `_from_diffusers`."""
+    sd, out, missing = dict(sd), {}, []
+    for key in table:
+        if key.ours not in sd:
+            missing.append(key.ours)
+            continue
+        t = sd.pop(key.ours)
+        if key.linear:
+            if t.ndim != 4 or t.shape[2:] != (1, 1):
+                raise ValueError(f"{fn}: {key.ours} has shape {tuple(t.shape)}, expected a 1x1 conv (out, in, 1, 1)")
+            t = t[:, :, 0, 0]                                               # (out, in, 1, 1) -> (out, in)
+        n = len(key.diffusers)
+        if n == 1:
+            out[key.diffusers[0]] = t
+            continue
+        if t.shape[0] % n:
+            raise ValueError(f"{fn}: {key.ours} has {t.shape[0]} rows, not divisible into {n} equal parts "
+                             f"{list(key.diffusers)}")
+        # Views, like every other output tensor here: chunks along dim 0 do not overlap, which safetensors accepts.
+        for name, part in zip(key.diffusers, t.chunk(n, dim=0), strict=True):
+            out[name] = part
+    _raise_on_mismatch(fn, missing, sd, config)
+    return out
+
+
+####################################################################################################################
+# Linear DiT (ours <-> diffusers, ours <- NVlabs). Ours: sanaflow/dit.py module names.
+####################################################################################################################
+
+
+def _dit_key_table(cfg: DiTConfig) -> list[_Key]:
+    """Every tensor of our DiT with its diffusers SanaTransformer2DModel name(s) (interop §1.3)."""
+    def key(ours: str, *diffusers: str) -> _Key:
+        return _Key(ours, diffusers)
+
+    wb = ("weight", "bias")
+    keys = [key(f"patch_embed.{p}", f"patch_embed.proj.{p}") for p in wb]
+    for i, name in ((0, "linear_1"), (2, "linear_2")):
+        for p in wb:
+            keys += [key(f"t_embed.{i}.{p}", f"time_embed.emb.timestep_embedder.{name}.{p}"),
+                     key(f"y_proj.{i}.{p}", f"caption_projection.{name}.{p}")]
+    keys += [key(f"t_block.1.{p}", f"time_embed.linear.{p}") for p in wb]
+    keys.append(key("y_norm.weight", "caption_norm.weight"))
+    for i in range(cfg.depth):
+        s, d = f"transformer_blocks.{i}.", f"blocks.{i}."
+        keys += [key(d + "scale_shift_table", s + "scale_shift_table"),
+                 key(d + "attn.qkv.weight", *(f"{s}attn1.to_{n}.weight" for n in "qkv")),   # no bias (§1.1)
+                 key(d + "ffn.point.weight", s + "ff.conv_point.weight")]
+        for p in wb:
+            keys += [key(f"{d}attn.proj.{p}", f"{s}attn1.to_out.0.{p}"),
+                     key(f"{d}cross_attn.q.{p}", f"{s}attn2.to_q.{p}"),
+                     key(f"{d}cross_attn.kv.{p}", f"{s}attn2.to_k.{p}", f"{s}attn2.to_v.{p}"),
+                     key(f"{d}cross_attn.proj.{p}", f"{s}attn2.to_out.0.{p}"),
+                     key(f"{d}ffn.inverted.{p}", f"{s}ff.conv_inverted.{p}"),
+                     key(f"{d}ffn.depthwise.{p}", f"{s}ff.conv_depth.{p}")]
+        if cfg.qk_norm:
+            for a, b in (("attn1", "attn"), ("attn2", "cross_attn")):
+                keys += [key(f"{d}{b}.q_norm.weight", f"{s}{a}.norm_q.weight"),
+                         key(f"{d}{b}.k_norm.weight", f"{s}{a}.norm_k.weight")]
+    keys.append(key("final_table", "scale_shift_table"))
+    keys += [key(f"final_linear.{p}", f"proj_out.{p}") for p in wb]
+    return keys
+
+
+def dit_from_diffusers(sd: StateDict, cfg: DiTConfig) -> StateDict:
+    """diffusers SanaTransformer2DModel state dict -> ours (interop §1.3). q/k/v are fused into one matmul."""
+    return _from_diffusers(sd, _dit_key_table(cfg), "dit_from_diffusers", "DiTConfig")
+
+
+def dit_to_diffusers(sd: StateDict, cfg: DiTConfig) -> StateDict:
+    """Our DiT state dict -> diffusers SanaTransformer2DModel's (the inverse of `dit_from_diffusers`): the fused
+    self-attention qkv splits into to_q/to_k/to_v, the cross-attention kv into to_k/to_v (rows [q | k | v])."""
+    return _to_diffusers(sd, _dit_key_table(cfg), "dit_to_diffusers", "DiTConfig")
 
 
 def _pop(sd: StateDict, key: str) -> Tensor:
@@ -43,39 +154,6 @@ def _pop(sd: StateDict, key: str) -> Tensor:
 def _check_empty(sd: StateDict, what: str) -> None:
     if sd:
         raise KeyError(f"{what}: {len(sd)} unexpected keys, e.g. {sorted(sd)[:8]}")
-
-
-def dit_from_diffusers(sd: StateDict, cfg: DiTConfig) -> StateDict:
-    """diffusers SanaTransformer2DModel state dict -> ours (interop §1.3). q/k/v are fused into one matmul."""
-    sd, out = dict(sd), {}
-    take = lambda k: _pop(sd, k)  # noqa: E731
-    out["patch_embed.weight"], out["patch_embed.bias"] = take("patch_embed.proj.weight"), take("patch_embed.proj.bias")
-    for i, name in ((0, "linear_1"), (2, "linear_2")):
-        for p in ("weight", "bias"):
-            out[f"t_embed.{i}.{p}"] = take(f"time_embed.emb.timestep_embedder.{name}.{p}")
-            out[f"y_proj.{i}.{p}"] = take(f"caption_projection.{name}.{p}")
-    out["t_block.1.weight"], out["t_block.1.bias"] = take("time_embed.linear.weight"), take("time_embed.linear.bias")
-    out["y_norm.weight"] = take("caption_norm.weight")
-    for i in range(cfg.depth):
-        s, d = f"transformer_blocks.{i}.", f"blocks.{i}."
-        out[d + "scale_shift_table"] = take(s + "scale_shift_table")
-        out[d + "attn.qkv.weight"] = torch.cat([take(f"{s}attn1.to_{n}.weight") for n in "qkv"])
-        out[d + "cross_attn.q.weight"], out[d + "cross_attn.q.bias"] = take(s + "attn2.to_q.weight"), take(s + "attn2.to_q.bias")
-        for p in ("weight", "bias"):
-            out[f"{d}attn.proj.{p}"] = take(f"{s}attn1.to_out.0.{p}")
-            out[f"{d}cross_attn.kv.{p}"] = torch.cat([take(f"{s}attn2.to_k.{p}"), take(f"{s}attn2.to_v.{p}")])
-            out[f"{d}cross_attn.proj.{p}"] = take(f"{s}attn2.to_out.0.{p}")
-            out[f"{d}ffn.inverted.{p}"] = take(f"{s}ff.conv_inverted.{p}")
-            out[f"{d}ffn.depthwise.{p}"] = take(f"{s}ff.conv_depth.{p}")
-        out[d + "ffn.point.weight"] = take(s + "ff.conv_point.weight")
-        if cfg.qk_norm:
-            for a, b in (("attn1", "attn"), ("attn2", "cross_attn")):
-                out[f"{d}{b}.q_norm.weight"] = take(f"{s}{a}.norm_q.weight")
-                out[f"{d}{b}.k_norm.weight"] = take(f"{s}{a}.norm_k.weight")
-    out["final_table"] = take("scale_shift_table")
-    out["final_linear.weight"], out["final_linear.bias"] = take("proj_out.weight"), take("proj_out.bias")
-    _check_empty(sd, "dit_from_diffusers")
-    return out
 
 
 def dit_from_original(sd: StateDict, cfg: DiTConfig) -> StateDict:
@@ -139,14 +217,27 @@ def dit_config_from_diffusers(c: dict) -> DiTConfig:
         norm_eps=g("norm_eps", 1e-6), timestep_scale=g("timestep_scale", 1.0))
 
 
+# diffusers' SanaLinearAttnProcessor2_0 hard-codes the linear-attention eps; no config field carries another one.
+_DIFFUSERS_LINEAR_ATTN_EPS = 1e-15
+
+
 def dit_config_to_diffusers(cfg: DiTConfig) -> dict:
-    """DiTConfig -> the kwargs of diffusers' SanaTransformer2DModel (for writing diffusers folders and for tests)."""
+    """DiTConfig -> every field of diffusers' SanaTransformer2DModel config (its kwargs and transformer/config.json,
+    as diffusers writes it). ValueError for a setting diffusers cannot express: the file would load as another model.
+    """
+    if cfg.linear_attn_eps != _DIFFUSERS_LINEAR_ATTN_EPS:
+        raise ValueError(f"linear_attn_eps={cfg.linear_attn_eps} cannot be written to a diffusers config: diffusers "
+                         f"always uses {_DIFFUSERS_LINEAR_ATTN_EPS} (replace it in the DiTConfig to save anyway)")
     return dict(in_channels=cfg.in_channels, out_channels=cfg.out_channels, num_attention_heads=cfg.width // cfg.head_dim,
                 attention_head_dim=cfg.head_dim, num_layers=cfg.depth, num_cross_attention_heads=cfg.cross_heads,
                 cross_attention_head_dim=cfg.width // cfg.cross_heads, cross_attention_dim=cfg.width,
                 caption_channels=cfg.caption_channels, mlp_ratio=cfg.mlp_ratio, sample_size=cfg.sample_size,
                 patch_size=cfg.patch_size, interpolation_scale=cfg.pe_interpolation, norm_eps=cfg.norm_eps,
-                qk_norm="rms_norm_across_heads" if cfg.qk_norm else None, timestep_scale=cfg.timestep_scale)
+                qk_norm="rms_norm_across_heads" if cfg.qk_norm else None, timestep_scale=cfg.timestep_scale,
+                # What SANA never changes, written out as diffusers does so that the file does not depend on
+                # diffusers' defaults; guidance_embeds_scale is read only when guidance_embeds is on (Sprint).
+                dropout=0.0, attention_bias=False, norm_elementwise_affine=False, guidance_embeds=False,
+                guidance_embeds_scale=0.1)
 
 
 # Cross-attention heads cannot be read off the weights (interop §6.2): take them from the official table.
@@ -182,13 +273,6 @@ def dit_config_from_original(sd: StateDict, **overrides) -> DiTConfig:
 ####################################################################################################################
 # DC-AE
 ####################################################################################################################
-
-
-class _Key(NamedTuple):
-    ours: str
-    diffusers: tuple[str, ...]      # several names are concatenated along dim 0 (to_q, to_k, to_v -> qkv)
-    original: str
-    linear: bool = False            # diffusers stores it as nn.Linear (out, in); ours is a 1x1 conv (out, in, 1, 1)
 
 
 def _params(ours: str, diffusers: str, original: str, names=("weight", "bias")) -> list[_Key]:
@@ -244,32 +328,20 @@ def _key_table(cfg: DCAEConfig) -> list[_Key]:
     return keys
 
 
-def _raise_on_mismatch(fn: str, missing: list[str], leftover: dict[str, Tensor]) -> None:
-    problems = []
-    if missing:
-        problems.append(f"{len(missing)} expected keys missing: {missing[:10]}")
-    if leftover:
-        problems.append(f"{len(leftover)} unexpected keys not converted: {sorted(leftover)[:10]}")
-    if problems:
-        raise KeyError(f"{fn}: " + "; ".join(problems) + " (does the DCAEConfig match the checkpoint?)")
-
-
 def dcae_from_diffusers(sd: dict[str, Tensor], cfg: DCAEConfig) -> dict[str, Tensor]:
     """diffusers `AutoencoderDC.state_dict()` -> `DCAE(cfg)` state dict.
 
     diffusers splits the fused qkv conv into three (C, C) Linear weights by taking thirds of the original weight
     (interop §6.3), so concatenating them restores the per-head interleaved [q, k, v] layout exactly.
     """
-    sd, out, missing = dict(sd), {}, []
-    for key in _key_table(cfg):
-        if any(name not in sd for name in key.diffusers):
-            missing += [name for name in key.diffusers if name not in sd]
-            continue
-        parts = [sd.pop(name) for name in key.diffusers]
-        t = parts[0] if len(parts) == 1 else torch.cat(parts, dim=0)
-        out[key.ours] = t[:, :, None, None] if key.linear else t            # (out, in) -> (out, in, 1, 1)
-    _raise_on_mismatch("dcae_from_diffusers", missing, sd)
-    return out
+    return _from_diffusers(sd, _key_table(cfg), "dcae_from_diffusers", "DCAEConfig")
+
+
+def dcae_to_diffusers(sd: dict[str, Tensor], cfg: DCAEConfig) -> dict[str, Tensor]:
+    """`DCAE(cfg)` state dict -> diffusers `AutoencoderDC`'s (the inverse of `dcae_from_diffusers`): the fused qkv
+    1x1 conv splits into three thirds, to_q/to_k/to_v, and 1x1 convs that diffusers keeps as Linear lose their
+    spatial dims."""
+    return _to_diffusers(sd, _key_table(cfg), "dcae_to_diffusers", "DCAEConfig")
 
 
 def dcae_from_original(sd: dict[str, Tensor], cfg: DCAEConfig) -> dict[str, Tensor]:
@@ -283,12 +355,12 @@ def dcae_from_original(sd: dict[str, Tensor], cfg: DCAEConfig) -> dict[str, Tens
             missing.append(key.original)
             continue
         out[key.ours] = sd.pop(key.original)
-    _raise_on_mismatch("dcae_from_original", missing, sd)
+    _raise_on_mismatch("dcae_from_original", missing, sd, "DCAEConfig")
     return out
 
 
 ####################################################################################################################
-# diffusers vae/config.json -> DCAEConfig (interop §2.1)
+# diffusers vae/config.json <-> DCAEConfig (interop §2.1)
 ####################################################################################################################
 
 # diffusers' constructor defaults, used for fields a config.json leaves out (as diffusers itself does).
@@ -373,3 +445,20 @@ def dcae_config_from_diffusers(config_json: dict) -> DCAEConfig:
         encoder_depths=tuple(c["encoder_layers_per_block"]), decoder_depths=tuple(c["decoder_layers_per_block"]),
         vit_stages=kinds["encoder"][0], qkv_multiscales=kinds["encoder"][1],
         attention_head_dim=c["attention_head_dim"], scaling_factor=float(c["scaling_factor"]))
+
+
+def dcae_config_to_diffusers(cfg: DCAEConfig) -> dict:
+    """DCAEConfig -> every field of diffusers' AutoencoderDC config (the inverse of `dcae_config_from_diffusers`),
+    per-stage fields as lists, as diffusers writes vae/config.json."""
+    types = ["EfficientViTBlock" if vit else "ResBlock" for vit in cfg.vit_stages]
+    config = {
+        "in_channels": cfg.in_channels, "latent_channels": cfg.latent_channels,
+        "attention_head_dim": cfg.attention_head_dim, "scaling_factor": cfg.scaling_factor,
+        **_REQUIRED,   # SANA's block, shortcut, norm and activation choices: the only DC-AE sanaflow builds
+    }
+    for side, depths in (("encoder", cfg.encoder_depths), ("decoder", cfg.decoder_depths)):
+        config[f"{side}_block_types"] = list(types)
+        config[f"{side}_block_out_channels"] = list(cfg.widths)
+        config[f"{side}_layers_per_block"] = list(depths)
+        config[f"{side}_qkv_multiscales"] = [list(k) for k in cfg.qkv_multiscales]
+    return config

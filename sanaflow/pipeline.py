@@ -137,6 +137,59 @@ class GenerateRequest:
                              f"({len(self.prompts)} prompts x images_per_prompt={self.images_per_prompt})")
 
 
+# ----------------------------------------------------------------------------------------------------------------
+# What a saved folder holds besides the networks
+
+
+# model_index.json key of our TextConfig. diffusers drops "_"-prefixed keys before building a pipeline from
+# model_index.json (ConfigMixin.extract_init_dict), so the folder stays a plain SanaPipeline folder for it.
+TEXT_CONFIG_KEY = "_sanaflow_text_config"
+
+
+def _text_config_from_index(index: dict, path: Path) -> TextConfig:
+    """The TextConfig stored by `Pipeline.save_pretrained`, or TextConfig() for folders without one."""
+    from .hub import CheckpointError
+    stored = index.get(TEXT_CONFIG_KEY)
+    if stored is None:
+        return TextConfig()
+    fields = {f.name for f in dataclasses.fields(TextConfig)}
+    if not isinstance(stored, dict) or set(stored) - fields:
+        raise CheckpointError(f"{path}: {TEXT_CONFIG_KEY} must be an object with fields from {sorted(fields)}, "
+                              f"got {stored!r}")
+    for name in ("lowercase", "negative_uses_prompt_mask"):
+        if name in stored and not isinstance(stored[name], bool):     # "false" would be truthy
+            raise CheckpointError(f"{path}: {TEXT_CONFIG_KEY}.{name}={stored[name]!r} must be true or false")
+    try:
+        return TextConfig(**stored)                 # validates max_length and chi; a list chi becomes a tuple
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"{path}: {TEXT_CONFIG_KEY}: {e}") from e
+
+
+def dpm_scheduler_config(flow_shift: float) -> dict:
+    """scheduler/scheduler_config.json of the official SANA folders: DPMSolverMultistepScheduler with flow sigmas,
+    made by diffusers' scripts/convert_sana_to_diffusers.py as DPMSolverMultistepScheduler(flow_shift=...,
+    use_flow_sigmas=True, prediction_type="flow_prediction") (interop §3), i.e. our `SAMPLERS["dpm"]`.
+
+    Every field is written, with diffusers 0.42.1's values, as diffusers' save_config does: the folder keeps
+    meaning Flow-DPM-Solver 2M whatever later diffusers releases change in their defaults."""
+    from .hub import DIFFUSERS_VERSION
+    return {
+        "_class_name": "DPMSolverMultistepScheduler", "_diffusers_version": DIFFUSERS_VERSION,
+        # The three settings that make it SANA's Flow-DPM-Solver:
+        "use_flow_sigmas": True, "prediction_type": "flow_prediction", "flow_shift": float(flow_shift),
+        # DPM-Solver++ 2M, first order at the last step, ending at sigma 0 (interop §3.1):
+        "algorithm_type": "dpmsolver++", "solver_order": 2, "solver_type": "midpoint", "lower_order_final": True,
+        "euler_at_final": False, "final_sigmas_type": "zero", "num_train_timesteps": 1000,
+        # Defaults that flow sigmas make irrelevant (betas, sigma spacings, thresholding), as diffusers writes them:
+        "beta_start": 0.0001, "beta_end": 0.02, "beta_schedule": "linear", "trained_betas": None,
+        "dynamic_thresholding_ratio": 0.995, "thresholding": False, "sample_max_value": 1.0,
+        "lambda_min_clipped": float("-inf"), "rescale_betas_zero_snr": False, "steps_offset": 0,
+        "time_shift_type": "exponential", "timestep_spacing": "linspace", "use_beta_sigmas": False,
+        "use_dynamic_shifting": False, "use_exponential_sigmas": False, "use_karras_sigmas": False,
+        "use_lu_lambdas": False, "variance_type": None,
+    }
+
+
 class Pipeline:
     def __init__(self, dit: DiT, vae: DCAE, text: TextEncoder, flow_shift: float = 3.0, name: str = ""):
         if dit.cfg.in_channels != vae.cfg.latent_channels:
@@ -145,9 +198,12 @@ class Pipeline:
 
     @classmethod
     def from_pretrained(cls, folder: str | Path, dtype: torch.dtype = torch.float32, variant: str | None = None,
-                        text_config: TextConfig = TextConfig()) -> Pipeline:
+                        text_config: TextConfig | None = None) -> Pipeline:
         """A local diffusers-format SANA folder (model_index.json, transformer/, vae/, text_encoder/, tokenizer/,
-        scheduler/). Never touches the network."""
+        scheduler/). Never touches the network.
+
+        text_config: None takes the one `save_pretrained` stored in model_index.json, else TextConfig() (diffusers'
+        text handling, what official folders were converted for); a TextConfig given here wins over both."""
         from .hub import detect_variant, load_dcae, load_dit, read_json
         folder = Path(folder)
         if not folder.is_dir():
@@ -157,6 +213,8 @@ class Pipeline:
         if missing:
             raise FileNotFoundError(f"{folder}: missing component folders {missing} (model_index.json lists "
                                     f"{sorted(k for k in index if not k.startswith('_'))})")
+        if text_config is None:
+            text_config = _text_config_from_index(index, folder / "model_index.json")
         scheduler = folder / "scheduler" / "scheduler_config.json"
         sched = read_json(scheduler) if scheduler.is_file() else {}
         shift = sched.get("flow_shift", sched.get("shift", 3.0))   # DPMSolverMultistep / FlowMatchEuler field names
@@ -165,6 +223,46 @@ class Pipeline:
                                                config=text_config,
                                                variant=variant or detect_variant(folder / "text_encoder", "model")),
                    flow_shift=float(shift), name=str(folder))
+
+    def save_pretrained(self, folder: str | Path) -> Path:
+        """This pipeline as a diffusers SanaPipeline folder (interop §5), loadable by diffusers'
+        `SanaPipeline.from_pretrained` and by `Pipeline.from_pretrained`: model_index.json, transformer/, vae/,
+        text_encoder/ and tokenizer/ (transformers' save_pretrained, safetensors), scheduler/ (Flow-DPM-Solver with
+        this pipeline's flow shift, as in the official folders). Each network keeps its dtype.
+
+        The TextConfig goes into model_index.json under "_sanaflow_text_config", which diffusers ignores: diffusers
+        always encodes prompts as TextConfig() does, so only with that config do both give the same images.
+        The folder is written as a whole beside `folder` and renamed into place (`hub.write_folder_atomic`)."""
+        from .hub import DIFFUSERS_VERSION, save_dcae, save_dit, write_folder_atomic, write_json
+        from .keymaps import dit_config_to_diffusers
+        try:
+            dit_config_to_diffusers(self.dit.cfg)      # refuse before writing anything, naming `folder`
+        except ValueError as e:
+            raise ValueError(f"{folder}: {e}") from e
+        model, tokenizer = self.text.model, self.text.tokenizer
+        for name, part in (("text encoder", model), ("tokenizer", tokenizer)):
+            if not callable(getattr(part, "save_pretrained", None)):
+                raise TypeError(f"{folder}: the {name} ({type(part).__name__}) has no save_pretrained; a SANA "
+                                f"folder needs a transformers model and tokenizer")
+        index = {
+            "_class_name": "SanaPipeline", "_diffusers_version": DIFFUSERS_VERSION,
+            # [library, class] per component, what diffusers imports to load each folder.
+            "transformer": ["diffusers", "SanaTransformer2DModel"], "vae": ["diffusers", "AutoencoderDC"],
+            "scheduler": ["diffusers", "DPMSolverMultistepScheduler"],
+            "text_encoder": [type(model).__module__.split(".")[0], type(model).__name__],
+            "tokenizer": [type(tokenizer).__module__.split(".")[0], type(tokenizer).__name__],
+            TEXT_CONFIG_KEY: dataclasses.asdict(self.text.config),
+        }
+
+        def write(tmp: Path) -> None:
+            save_dit(self.dit, tmp / "transformer")
+            save_dcae(self.vae, tmp / "vae")
+            model.save_pretrained(tmp / "text_encoder")            # safetensors (the only format of transformers 5)
+            tokenizer.save_pretrained(tmp / "tokenizer")
+            write_json(tmp / "scheduler" / "scheduler_config.json", dpm_scheduler_config(self.flow_shift))
+            write_json(tmp / "model_index.json", index)
+
+        return write_folder_atomic(folder, write)
 
     @property
     def native_size(self) -> int:

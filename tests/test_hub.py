@@ -1,12 +1,24 @@
-"""Loading official-format weights from local paths: diffusers folders and NVlabs files, and every bad-input case."""
+"""Loading official-format weights from local paths: diffusers folders and NVlabs files, and every bad-input case;
+writing diffusers folders that diffusers loads with the same outputs."""
+import dataclasses
+import errno
 import json
+import os
+import re
+from pathlib import Path
 
 import pytest
 import torch
-from diffusers import SanaTransformer2DModel
+from diffusers import AutoencoderDC, SanaTransformer2DModel
 from safetensors.torch import load_file, save_file
 
-from sanaflow.hub import CheckpointError, load_dit, load_original_dit, read_state_dict
+from sanaflow import hub
+from sanaflow.dcae import DCAE, DCAE_PRESETS
+from sanaflow.dit import DIT_PRESETS, DiT, DiTConfig
+from sanaflow.hub import (CheckpointError, load_dcae, load_dit, load_original_dit, read_state_dict, save_dcae,
+                          save_dit)
+from sanaflow.keymaps import (dcae_config_from_diffusers, dcae_config_to_diffusers, dcae_to_diffusers,
+                              dit_config_from_diffusers, dit_config_to_diffusers, dit_to_diffusers)
 
 TINY = dict(in_channels=4, out_channels=4, num_attention_heads=2, attention_head_dim=8, num_layers=3,
             num_cross_attention_heads=2, cross_attention_head_dim=8, cross_attention_dim=16, caption_channels=12,
@@ -220,3 +232,157 @@ def test_original_dcae_files_convert_to_the_same_model(tmp_path):
     save_file(original, tmp_path / "broken.safetensors")
     with pytest.raises(CheckpointError, match=r"broken\.safetensors.*decoder\.project_out\.op_list\.0\.bias"):
         load_original_dcae(tmp_path / "broken.safetensors", config=DCAE_PRESETS["tiny"])
+
+
+# ---- writing diffusers folders: diffusers loads what we write, and so do we ------------------------------------------
+
+OUR_TINY = DiTConfig(in_channels=4, out_channels=4, width=16, depth=3, head_dim=8, cross_heads=2, caption_channels=12,
+                     sample_size=8)      # = TINY above, in our vocabulary
+
+
+def randomized(model, seed=0):
+    """Every tensor moved off its init (norm weights start at 1, biases at 0), so that a dropped, swapped or
+    mis-split tensor changes the outputs."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.1 * torch.randn(p.shape, generator=g))
+    return model.eval()
+
+
+def assert_same_weights(a, b):
+    sa, sb = a.state_dict(), b.state_dict()
+    assert sa.keys() == sb.keys()
+    for k in sa:
+        assert sa[k].dtype == sb[k].dtype and torch.equal(sa[k], sb[k]), k
+
+
+def diffusers_resaved_config(model, tmp_path):
+    """config.json as diffusers itself writes it for `model`: the reference our config.json must equal."""
+    model.save_pretrained(tmp_path / "resaved")
+    config = json.loads((tmp_path / "resaved" / "config.json").read_text())
+    config.pop("_name_or_path")            # where diffusers loaded it from, added on re-saving
+    return config
+
+
+@pytest.mark.parametrize("preset", sorted(DIT_PRESETS))
+def test_dit_config_and_keys_to_diffusers_for_every_preset(preset):
+    cfg = DIT_PRESETS[preset]
+    kwargs = dit_config_to_diffusers(cfg)
+    assert dit_config_from_diffusers(json.loads(json.dumps(kwargs))) == cfg          # through JSON, as on disk
+    with torch.device("meta"):      # shapes only: no memory, no init
+        ref = SanaTransformer2DModel(**kwargs).state_dict()
+        ours = dit_to_diffusers(DiT(cfg).state_dict(), cfg)
+    assert {k: v.shape for k, v in ours.items()} == {k: v.shape for k, v in ref.items()}
+
+
+@pytest.mark.parametrize("preset", sorted(DCAE_PRESETS))
+def test_dcae_config_and_keys_to_diffusers_for_every_preset(preset):
+    cfg = DCAE_PRESETS[preset]
+    config = dcae_config_to_diffusers(cfg)
+    assert dcae_config_from_diffusers(json.loads(json.dumps(config))) == cfg
+    with torch.device("meta"):
+        ref = AutoencoderDC(**config).state_dict()
+        ours = dcae_to_diffusers(DCAE(cfg).state_dict(), cfg)
+    assert {k: v.shape for k, v in ours.items()} == {k: v.shape for k, v in ref.items()}
+
+
+@pytest.mark.parametrize("changes", [
+    {},
+    dict(qk_norm=True, out_channels=8),                                         # SANA-1.5 norms; learned-sigma width
+    dict(patch_size=2, pe_interpolation=1.0, sample_size=16, mlp_ratio=3.0),    # 2K-style sincos PE
+])
+def test_saved_dit_loads_in_diffusers_with_the_same_outputs(tmp_path, changes):
+    torch.manual_seed(0)
+    ours = randomized(DiT(dataclasses.replace(OUR_TINY, **changes)))
+    folder = save_dit(ours, tmp_path / "transformer")
+    assert sorted(p.name for p in folder.iterdir()) == ["config.json", "diffusion_pytorch_model.safetensors"]
+    ref = SanaTransformer2DModel.from_pretrained(folder).eval()
+    # fp32 on both sides; differences are summation order (~1e-7), a wrong or mis-split tensor is O(0.1).
+    torch.testing.assert_close(run(ref, diffusers_model=True), run(ours), atol=1e-5, rtol=0)
+    written = json.loads((folder / "config.json").read_text())
+    assert written == diffusers_resaved_config(ref, tmp_path)          # every field, as diffusers writes it
+    back = load_dit(folder)
+    assert back.cfg == ours.cfg
+    assert_same_weights(back, ours)                                     # our round trip is exact
+
+
+def test_saved_dit_in_another_dtype(tmp_path):
+    torch.manual_seed(0)
+    ours = randomized(DiT(OUR_TINY))
+    save_dit(ours, tmp_path, dtype=torch.bfloat16)
+    assert {v.dtype for v in load_file(tmp_path / "diffusion_pytorch_model.safetensors").values()} == {torch.bfloat16}
+    assert_same_weights(load_dit(tmp_path, dtype=torch.bfloat16), ours.to(torch.bfloat16))
+
+
+@pytest.mark.parametrize("name", ["tiny", "three_stage"])
+def test_saved_dcae_loads_in_diffusers_with_the_same_outputs(tmp_path, name):
+    from test_dcae import CONFIGS
+    cfg = dataclasses.replace(dcae_config_from_diffusers(CONFIGS[name]), scaling_factor=0.3)
+    torch.manual_seed(0)
+    ours = randomized(DCAE(cfg))
+    folder = save_dcae(ours, tmp_path / "vae")
+    ref = AutoencoderDC.from_pretrained(folder).eval()
+    assert ref.config.scaling_factor == 0.3
+    g = torch.Generator().manual_seed(0)
+    image = torch.rand(2, 3, 16, 24, generator=g) * 2 - 1
+    z = torch.randn(2, cfg.latent_channels, 16 // cfg.compression, 24 // cfg.compression, generator=g)
+    with torch.no_grad():     # ours scales by scaling_factor inside encode/decode; diffusers leaves it to the caller
+        torch.testing.assert_close(ours.encode(image), ref.encode(image).latent * ref.config.scaling_factor,
+                                   atol=1e-5, rtol=0)
+        torch.testing.assert_close(ours.decode(z), ref.decode(z / ref.config.scaling_factor).sample, atol=1e-5, rtol=0)
+    assert json.loads((folder / "config.json").read_text()) == diffusers_resaved_config(ref, tmp_path)
+    back = load_dcae(folder)
+    assert back.cfg == cfg and back.cfg.scaling_factor == 0.3
+    assert_same_weights(back, ours)
+
+
+def test_a_failed_write_leaves_the_previous_folder(tmp_path, monkeypatch):
+    torch.manual_seed(0)
+    first, second = randomized(DiT(OUR_TINY), seed=1), randomized(DiT(OUR_TINY), seed=2)
+    folder = save_dit(first, tmp_path / "transformer")
+    before = {p.name: p.read_bytes() for p in folder.iterdir()}
+
+    def half_then_crash(tensors, path, metadata=None):    # a full disk or a kill in the middle of the weights
+        Path(path).write_bytes(b"\0" * 100)
+        raise RuntimeError("disk full")
+
+    monkeypatch.setattr(hub, "save_file", half_then_crash)
+    with pytest.raises(RuntimeError, match="disk full"):
+        save_dit(second, folder)
+    monkeypatch.undo()
+    assert {p.name: p.read_bytes() for p in folder.iterdir()} == before
+    assert [p.name for p in tmp_path.iterdir()] == ["transformer"]              # no temporary folder left behind
+    assert_same_weights(load_dit(folder), first)
+
+    # The last step, renaming the new folder into place, fails: the old folder is put back.
+    real_replace = os.replace
+
+    def failing_publish(src, dst):
+        if ".transformer.tmp-" in str(src):
+            raise OSError(errno.EXDEV, "rename failed")
+        real_replace(src, dst)
+
+    monkeypatch.setattr(hub.os, "replace", failing_publish)
+    with pytest.raises(OSError, match=re.escape(str(folder))):
+        save_dit(second, folder)
+    monkeypatch.undo()
+    assert {p.name: p.read_bytes() for p in folder.iterdir()} == before
+    assert [p.name for p in tmp_path.iterdir()] == ["transformer"]
+    save_dit(second, folder)                                                     # and a good write replaces it
+    assert_same_weights(load_dit(folder), second)
+    assert [p.name for p in tmp_path.iterdir()] == ["transformer"]
+
+
+def test_what_cannot_be_written_is_refused_before_writing(tmp_path):
+    nvlabs_eps = DiT(dataclasses.replace(OUR_TINY, linear_attn_eps=1e-8))
+    with pytest.raises(ValueError, match=r"transformer.*linear_attn_eps"):
+        save_dit(nvlabs_eps, tmp_path / "transformer")
+    with pytest.raises(TypeError, match=r"transformer.*SanaTransformer2DModel"):
+        save_dit(SanaTransformer2DModel(**TINY), tmp_path / "transformer")
+    with pytest.raises(ValueError, match=r"transformer.*dtype"):
+        save_dit(DiT(OUR_TINY), tmp_path / "transformer", dtype=torch.int8)
+    (tmp_path / "file").write_text("not a folder")
+    with pytest.raises(FileExistsError, match="file"):
+        save_dcae(DCAE(DCAE_PRESETS["tiny"]), tmp_path / "file")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file"]

@@ -1,5 +1,8 @@
-"""A whole SANA folder written by diffusers' SanaPipeline.save_pretrained: loaded by us, it gives diffusers' outputs."""
+"""A whole SANA folder written by diffusers' SanaPipeline.save_pretrained: loaded by us, it gives diffusers' outputs;
+and one written by our Pipeline.save_pretrained: loaded by diffusers, it gives ours."""
+import dataclasses
 import json
+import re
 
 import numpy as np
 import pytest
@@ -8,8 +11,11 @@ from diffusers import AutoencoderDC, DPMSolverMultistepScheduler, FlowMatchEuler
 from diffusers import SanaTransformer2DModel
 from tiny_text import make_gemma, make_tokenizer
 
+from sanaflow.dcae import DCAE, DCAE_PRESETS
+from sanaflow.dit import DIT_PRESETS, DiT
+from sanaflow.hub import CheckpointError
 from sanaflow.pipeline import GenerateRequest, Pipeline, initial_noise
-from sanaflow.text import CHI_DIFFUSERS
+from sanaflow.text import CHI_DIFFUSERS, TextConfig, TextEncoder
 
 TRANSFORMER = dict(patch_size=1, in_channels=4, out_channels=4, num_layers=2, num_attention_heads=2,
                    attention_head_dim=8, num_cross_attention_heads=2, cross_attention_head_dim=8,
@@ -222,3 +228,100 @@ def test_cli_generate_writes_a_png_with_its_parameters(saved, tmp_path):
     assert (pixels - expected).abs().max() <= 1 / 255 + 1e-6                  # 8-bit rounding only
     bad = CliRunner().invoke(main, ["generate", "a cat", "--model", str(path), "--height", "48", "-o", str(out)])
     assert bad.exit_code != 0 and "height=48" in bad.output
+
+
+# ---- Pipeline.save_pretrained: a SanaPipeline folder that diffusers and we both load ---------------------------------
+
+
+def our_pipeline(text_config: TextConfig | None = None, flow_shift=2.5, seed=1):
+    """A tiny Pipeline from our own modules (random weights, every tensor off its init) and the tiny Gemma."""
+    torch.manual_seed(0)
+    g = torch.Generator().manual_seed(seed)
+    dit, vae = DiT(DIT_PRESETS["tiny"]), DCAE(dataclasses.replace(DCAE_PRESETS["tiny"], scaling_factor=0.6))
+    with torch.no_grad():    # norm weights start at 1 and biases at 0: move them, so a lost tensor shows
+        for p in [*dit.parameters(), *vae.parameters()]:
+            p.add_(0.1 * torch.randn(p.shape, generator=g))
+    tok = make_tokenizer()
+    return Pipeline(dit.eval(), vae.eval(), TextEncoder(make_gemma(len(tok)), tok, text_config or TextConfig()),
+                    flow_shift=flow_shift)
+
+
+def folder_bytes(folder):
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_saved_pipeline_is_a_diffusers_folder_with_the_same_images(tmp_path):
+    ours = our_pipeline()                                   # flow shift 2.5: a lost shift changes the images
+    folder = ours.save_pretrained(tmp_path / "sana")
+    pipe = SanaPipeline.from_pretrained(folder)
+    assert isinstance(pipe.scheduler, DPMSolverMultistepScheduler)
+    official = DPMSolverMultistepScheduler(flow_shift=2.5, use_flow_sigmas=True, prediction_type="flow_prediction")
+    public = {k: v for k, v in pipe.scheduler.config.items() if not k.startswith("_")}
+    assert public == {k: v for k, v in official.config.items() if not k.startswith("_")}   # convert_sana_to_diffusers
+    # Every file diffusers would write itself for these components, field for field.
+    pipe.save_pretrained(tmp_path / "resaved")
+    for name in ("model_index.json", "scheduler/scheduler_config.json", "transformer/config.json", "vae/config.json"):
+        mine, theirs = (json.loads((f / name).read_text()) for f in (folder, tmp_path / "resaved"))
+        theirs.pop("_name_or_path", None)                   # where diffusers loaded from, added on re-saving
+        mine.pop("_sanaflow_text_config", None)             # ours alone; diffusers drops "_" keys on loading
+        assert mine == theirs, name
+
+    prompts, steps = ["a red cat", "Apples on the mat"], 5
+    latents = initial_noise([11, 12], (4, 16, 32))
+    expected = pipe(prompts, height=32, width=64, num_inference_steps=steps, guidance_scale=4.5,
+                    latents=latents.clone(), output_type="pt", use_resolution_binning=False).images
+    req = GenerateRequest(prompts=tuple(prompts), height=32, width=64, steps=steps, guidance=4.5, seeds=(11, 12))
+    got = ours.generate(req, latents=latents)
+    assert ((got > 0) & (got < 1)).float().mean() > 0.5    # mostly unclamped pixels: clamping hides no error
+    torch.testing.assert_close(got, expected, atol=1e-4, rtol=0)   # as the loading parity test above
+
+
+def test_saved_pipeline_round_trips_with_its_text_config(tmp_path, saved):
+    config = TextConfig(chi=None, max_length=16, lowercase=False, negative_uses_prompt_mask=True)
+    ours = our_pipeline(config, flow_shift=4.0)
+    folder = ours.save_pretrained(tmp_path / "sana")
+    back = Pipeline.from_pretrained(folder)
+    assert back.text.config == config and back.flow_shift == 4.0
+    for a, b in ((ours.dit, back.dit), (ours.vae, back.vae), (ours.text.model, back.text.model)):
+        sa, sb = a.state_dict(), b.state_dict()
+        assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+    req = GenerateRequest(prompts=("A red cat",), negative_prompt="blurry", height=32, width=32, steps=3, seeds=(3,))
+    assert torch.equal(back.generate(req), ours.generate(req))                 # same weights, same code
+    assert Pipeline.from_pretrained(folder, text_config=TextConfig()).text.config == TextConfig()   # explicit wins
+    assert Pipeline.from_pretrained(saved[1]).text.config == TextConfig()       # a folder diffusers wrote
+
+
+def test_bad_stored_text_config_is_named(tmp_path):
+    folder = our_pipeline().save_pretrained(tmp_path / "sana")
+    index = json.loads((folder / "model_index.json").read_text())
+    for bad, name in (({"max_length": "16"}, "max_length"), ({"chi": "one line"}, "chi"),
+                      ({"lowercase": "false"}, "lowercase"), ({"max_lenght": 16}, "max_lenght")):
+        (folder / "model_index.json").write_text(json.dumps({**index, "_sanaflow_text_config": bad}))
+        with pytest.raises(CheckpointError, match=rf"model_index\.json.*{name}"):
+            Pipeline.from_pretrained(folder)
+
+
+def test_a_failed_pipeline_save_leaves_the_previous_folder(tmp_path, monkeypatch):
+    first = our_pipeline()
+    folder = first.save_pretrained(tmp_path / "sana")
+    before = folder_bytes(folder)
+    second = our_pipeline(flow_shift=5.0, seed=2)                                   # other weights, other files
+
+    def crash(*args, **kwargs):     # after transformer/, vae/ and text_encoder/ are written
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(second.text.tokenizer, "save_pretrained", crash)
+    with pytest.raises(OSError, match=re.escape(str(folder))):
+        second.save_pretrained(folder)
+    assert folder_bytes(folder) == before
+    assert [p.name for p in tmp_path.iterdir()] == ["sana"]                       # no temporary folder left behind
+    req = GenerateRequest(prompts=("a cat",), height=32, width=32, steps=2, seeds=(0,))
+    assert torch.equal(Pipeline.from_pretrained(folder).generate(req), first.generate(req))
+
+
+def test_a_pipeline_diffusers_cannot_express_is_refused_before_writing(tmp_path):
+    ours = our_pipeline()
+    nvlabs_eps = DiT(dataclasses.replace(ours.dit.cfg, linear_attn_eps=1e-8))      # diffusers hard-codes 1e-15
+    with pytest.raises(ValueError, match=r"sana.*linear_attn_eps"):
+        Pipeline(nvlabs_eps, ours.vae, ours.text).save_pretrained(tmp_path / "sana")
+    assert list(tmp_path.iterdir()) == []

@@ -136,5 +136,63 @@ def evaluate(model: Path | None, prompts_file: Path | None, split: str, per_cate
                f"report in {out}")
 
 
+def _parse_set(items: tuple[str, ...]) -> dict:
+    changes = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise click.BadParameter(f"{item!r}: expected KEY=VALUE, e.g. lr=3e-4 or options.flow_shift=2",
+                                     param_hint="--set")
+        try:
+            changes[key] = json.loads(value)
+        except json.JSONDecodeError:
+            changes[key] = value                   # a bare string, e.g. options.vae=runs/ae/model
+    return changes
+
+
+@main.command()
+@click.option("--preset", default=None, help="A named run (sanaflow.train.TRAIN_PRESETS), e.g. shapes-dit.")
+@click.option("--config", "config_file", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="A JSON training config (as written to RUN/config.json).")
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Run folder: checkpoints, log.jsonl, config.json, model/. Default: runs/<preset or config name>.")
+@click.option("--data", default=None, help="Data folder (overrides the config's).")
+@click.option("--steps", type=click.IntRange(min=1), default=None, help="Train up to this step (overrides).")
+@click.option("--set", "sets", multiple=True, metavar="KEY=VALUE",
+              help="Override a config field (JSON value), e.g. --set lr=3e-4 --set options.flow_shift=2.")
+@click.option("--resume", is_flag=True, help="Require an existing checkpoint in --out (rerunning always resumes).")
+@click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda.")
+@click.option("--dry-run", is_flag=True, help="Print the resolved config and exit.")
+def train(preset: str | None, config_file: Path | None, out: Path | None, data: str | None, steps: int | None,
+          sets: tuple[str, ...], resume: bool, device: str, dry_run: bool) -> None:
+    """Train the DiT, the DC-AE or the text encoder; rerunning the same command resumes from the last checkpoint.
+
+    Under `torchrun --nproc_per_node N`, each process trains on its slice of the batch (DDP, or FSDP with
+    --set parallel=\"fsdp\")."""
+    from . import train as tr
+    if (preset is None) == (config_file is None):
+        raise click.UsageError("give exactly one of --preset NAME or --config FILE")
+    try:
+        cfg = tr.preset(preset) if preset else tr.load_config(config_file)
+        changes = _parse_set(sets)
+        if data is not None:
+            changes["data"] = data
+        if steps is not None:
+            changes["steps"] = steps
+        cfg = cfg.replace(**changes) if changes else cfg
+    except (ValueError, TypeError, FileNotFoundError) as e:
+        raise click.BadParameter(str(e), param_hint="--preset/--config/--set") from e
+    out = out or Path("runs") / (preset or config_file.stem)
+    if dry_run:
+        return click.echo(json.dumps({"out": str(out), **cfg.to_dict()}, indent=2))
+    try:
+        summary = tr.train(cfg, out, env=tr.setup_distributed(device), require_checkpoint=resume)
+    except (tr.DataError, tr.TrainingError, FileNotFoundError) as e:
+        raise click.ClickException(str(e)) from e
+    if summary.get("rank", 0) == 0:
+        click.echo(f"trained {cfg.task} to step {summary['step']} (loss {summary['loss']:.4g}); model in {out / 'model'}")
+
+
+
 if __name__ == "__main__":
     main()

@@ -1,0 +1,234 @@
+"""The linear DiT's training task: flow matching on cached DC-AE latents and text embeddings (sana-spec §4).
+
+prepare() runs the frozen autoencoder and text encoder over the data set once and caches the results
+(run/cache/dit.safetensors); every step then costs only the DiT. A step's batch, for each image of the global
+batch (all randomness from the step's generator, train.py):
+  - one of its captions, drawn with SANA's caption-score weights (§4.8, train.caption_weights),
+  - with probability `caption_dropout` the empty prompt's embedding instead, for classifier-free guidance (§4.7),
+  - t: logit-normal u, SANA's 1000-level grid and flow shift (§4.2),
+  - noise, and x_t = (1 - t) x0 + t noise; the target is v = noise - x0 (§4.1, flow.py).
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from torch import Tensor, nn
+
+from .dit import DIT_PRESETS, DiT, DiTConfig
+from .flow import flow_path, network_time, shift_time, velocity_target
+from .train import BatchOrder, DataError, DistEnv, TrainConfig, caption_weights, open_dataset
+
+
+@dataclass(frozen=True)
+class DiTOptions:
+    vae: str = ""                        # a diffusers AutoencoderDC folder (e.g. the dcae task's run/model)
+    text_encoder: str = ""               # a folder with text_encoder/ and tokenizer/ (e.g. the text task's run/model)
+    text_max_length: int = 300           # TextConfig.max_length (§3.4)
+    chi: bool = True                     # prepend the complex human instruction (§3.3); off for models without it
+    resolution: int = 512                # training resolution (square), or the bucket table's native size
+    buckets: bool = False                # aspect-ratio buckets (§4.9) instead of center-cropped squares
+    flow_shift: float = 3.0              # §4.2; the same shift is used for sampling
+    logit_mean: float = 0.0              # §4.2
+    logit_std: float = 1.0
+    discrete_time: bool = True           # NVlabs: t on the 1000-level grid, the network sees floor(1000 t) (§4.2)
+    caption_dropout: float = 0.1         # §4.7
+    caption_rule: str = "clipscore"      # §4.8: "clipscore" (NVlabs code), "softmax" (paper), "uniform", "best"
+    caption_temperature: float = 0.1     # τ of §4.8
+    caption_threshold: float = 0.0       # clipscore's keep threshold: 25.0 for CLIP scores; shapes scores are in [0, 1]
+    captions_per_image: int = 0          # cache at most this many captions per image (best first); 0 = all
+    encode_batch: int = 32               # images / captions per frozen-encoder call while caching
+
+    def __post_init__(self):
+        if self.caption_rule not in ("clipscore", "softmax", "uniform", "best"):
+            raise ValueError(f"options.caption_rule={self.caption_rule!r}: one of clipscore, softmax, uniform, best")
+        if not 0 <= self.caption_dropout < 1:
+            raise ValueError(f"options.caption_dropout={self.caption_dropout}: must be in [0, 1)")
+        if self.flow_shift <= 0 or self.caption_temperature <= 0 or self.logit_std <= 0:
+            raise ValueError("options.flow_shift, caption_temperature and logit_std must be > 0")
+
+
+def dit_config(model) -> DiTConfig:
+    """A preset name of DIT_PRESETS, or a dict of DiTConfig fields (with an optional "preset" to start from)."""
+    if isinstance(model, str):
+        if model not in DIT_PRESETS:
+            raise ValueError(f"model={model!r}: not a DiT preset; one of {sorted(DIT_PRESETS)}")
+        return DIT_PRESETS[model]
+    fields = dict(model)
+    base = DIT_PRESETS[fields.pop("preset")] if "preset" in fields else DiTConfig()
+    return dataclasses.replace(base, **fields)
+
+
+def _fingerprint(path: str) -> str:
+    """Identifies a model folder's contents cheaply: names, sizes and mtimes of its files."""
+    p = Path(path)
+    files = sorted(f for f in p.rglob("*") if f.is_file()) if p.is_dir() else []
+    return hashlib.sha256(json.dumps([(str(f.relative_to(p)), f.stat().st_size, f.stat().st_mtime_ns)
+                                      for f in files]).encode()).hexdigest()[:16]
+
+
+class DiTTask:
+    Options = DiTOptions
+
+    def __init__(self, cfg: TrainConfig, run: Path, env: DistEnv):
+        self.cfg, self.opt, self.run, self.env = cfg, cfg.options, Path(run), env
+        self.model_cfg = dit_config(cfg.model)
+
+    # ------------------------------------------------------------------------------------------------- data
+
+    def _cache_key(self) -> dict:
+        o = self.opt
+        return {"data": str(Path(self.cfg.data).resolve()), "resolution": o.resolution, "buckets": o.buckets,
+                "vae": _fingerprint(o.vae), "text_encoder": _fingerprint(o.text_encoder),
+                "text_max_length": o.text_max_length, "chi": o.chi, "captions_per_image": o.captions_per_image}
+
+    def prepare(self) -> dict:
+        o, cache = self.opt, self.run / "cache" / "dit.safetensors"
+        for name in ("vae", "text_encoder"):
+            if not getattr(o, name) or not Path(getattr(o, name)).is_dir():
+                raise DataError(f"options.{name}={getattr(o, name)!r}: no such folder (train it first with "
+                                f"`sanaflow train --preset ...`)")
+        reader = open_dataset(self.cfg.data)
+        key = self._cache_key()
+        meta_path = cache.with_suffix(".json")
+        fresh = cache.is_file() and meta_path.is_file() and json.loads(meta_path.read_text()).get("key") == key
+        if self.env.main and not fresh:
+            self._build_cache(reader, cache, key)
+        self.env.barrier()
+        self.data = load_file(cache)
+        info = json.loads(meta_path.read_text())["info"]
+        lat = self.data["latents"]
+        if lat.shape[1] != self.model_cfg.in_channels or self.data["text"].shape[-1] != self.model_cfg.caption_channels:
+            raise ValueError(f"model: in_channels={self.model_cfg.in_channels}, caption_channels="
+                             f"{self.model_cfg.caption_channels} but the autoencoder gives {lat.shape[1]} latent "
+                             f"channels and the text encoder {self.data['text'].shape[-1]} features")
+        # Captions are stored grouped by image: image i owns rows first_caption[i] .. first_caption[i + 1] - 1.
+        self.first_caption = torch.searchsorted(self.data["caption_image"], torch.arange(len(lat) + 1)).tolist()
+        shapes = self.data["image_shape"]                                    # (N, 2) latent h, w
+        buckets: dict[tuple[int, int], list[int]] = {}
+        for i, (h, w) in enumerate(shapes.tolist()):
+            buckets.setdefault((h, w), []).append(i)
+        self.order = BatchOrder({k: torch.tensor(v) for k, v in buckets.items()}, self.cfg.batch_size, self.cfg.seed)
+        return info
+
+    @torch.no_grad()
+    def _build_cache(self, reader, cache: Path, key: dict) -> None:
+        from .hub import load_dcae
+        from .pipeline import aspect_ratio_bins, resize_and_crop
+        from .text import CHI_DIFFUSERS, TextConfig, TextEncoder
+        o, device = self.opt, self.env.device
+        vae = load_dcae(o.vae).to(device)
+        text = TextEncoder.from_pretrained(Path(o.text_encoder) / "text_encoder", Path(o.text_encoder) / "tokenizer",
+                                           device=device, config=TextConfig(max_length=o.text_max_length,
+                                                                            chi=CHI_DIFFUSERS if o.chi else None))
+        bins = aspect_ratio_bins(o.resolution) if o.buckets else {"1.0": (o.resolution, o.resolution)}
+        ratios = torch.tensor([float(r) for r in bins])
+        groups: dict[tuple[int, int], list[tuple[Tensor, list]]] = {}
+        for s in reader:
+            h, w = s.image.shape[:2]
+            size = bins[list(bins)[int((ratios - h / w).abs().argmin())]]   # the bucket of the closest ratio
+            caps = sorted(s.meta.get("captions", []), key=lambda c: -(c.get("score") or 0))
+            caps = [c for c in caps if c.get("text")][: o.captions_per_image or None]
+            if caps:
+                groups.setdefault(size, []).append((torch.from_numpy(s.image).permute(2, 0, 1), caps))
+        if not groups:
+            raise DataError(f"data={self.cfg.data!r}: no usable samples (skipped: {dict(reader.skipped)})")
+        latents, shapes, cap_image, cap_score, cap_text = [], [], [], [], []
+        for (hh, ww), items in sorted(groups.items()):
+            for i in range(0, len(items), o.encode_batch):
+                chunk = items[i:i + o.encode_batch]
+                images = torch.stack([resize_and_crop(im[None].float() / 127.5 - 1, hh, ww)[0] for im, _ in chunk])
+                z = vae.encode(images.to(device)).float().cpu()               # (b, C, hh/f, ww/f)
+                for zi, (_, caps) in zip(z, chunk):
+                    n = len(latents)
+                    latents.append(zi)
+                    shapes.append(zi.shape[1:])
+                    for c in caps:
+                        cap_image.append(n)
+                        score = c.get("score")
+                        cap_score.append(float("nan") if score is None else float(score))
+                        cap_text.append(c["text"])
+        embeds, masks = [], []
+        for i in range(0, len(cap_text), o.encode_batch):
+            e, m = text.encode(cap_text[i:i + o.encode_batch])
+            embeds.append(e.float().cpu())
+            masks.append(m.cpu())
+        null, null_mask = text.encode_negative("", 1)
+        mask = torch.cat(masks)
+        length = int(max(mask.sum(1).max(), null_mask.sum()))             # drop the all-padding tail columns
+        same_shape = len({tuple(s) for s in shapes}) == 1
+        data = {
+            # Latents of different buckets have different shapes; they are stored padded to the largest.
+            "latents": torch.stack(latents) if same_shape else _pad_stack(latents),
+            "image_shape": torch.tensor([list(s) for s in shapes]),
+            "text": torch.cat(embeds)[:, :length].half().contiguous(),       # fp16 halves the cache; features are O(1-100)
+            "text_mask": mask[:, :length].contiguous(),
+            "null_text": null[:, :length].float().half().contiguous(), "null_mask": null_mask[:, :length].contiguous(),
+            "caption_image": torch.tensor(cap_image), "caption_score": torch.tensor(cap_score),
+        }
+        info = {"samples": len(latents), "captions": len(cap_text), "text_tokens": length,
+                "buckets": {f"{h}x{w}": len(v) for (h, w), v in sorted(groups.items())},
+                "skipped": dict(reader.skipped)}
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        tmp = cache.with_name(f".{cache.name}.tmp")
+        save_file(data, tmp)
+        os.replace(tmp, cache)
+        meta_tmp = cache.with_name(".dit.json.tmp")
+        meta_tmp.write_text(json.dumps({"key": key, "info": info}, indent=1))
+        os.replace(meta_tmp, cache.with_suffix(".json"))
+
+    # ------------------------------------------------------------------------------------------------ steps
+
+    def build_model(self) -> nn.Module:
+        model = DiT(self.model_cfg)
+        model.init_weights()                       # NVlabs init (sana-spec §1.12)
+        return model
+
+    def batch(self, step: int, g: torch.Generator) -> dict[str, Tensor]:
+        o, d = self.opt, self.data
+        (h, w), idx = self.order(step)
+        b = len(idx)
+        # One caption per image, by score (§4.8); images without scores draw uniformly.
+        chosen = []
+        for i in idx.tolist():
+            rows = torch.arange(self.first_caption[i], self.first_caption[i + 1])
+            scores = d["caption_score"][rows]
+            weights = torch.ones_like(scores) if scores.isnan().any() else caption_weights(
+                scores, o.caption_rule, o.caption_temperature, o.caption_threshold)
+            chosen.append(rows[torch.multinomial(weights, 1, generator=g)])
+        chosen = torch.cat(chosen)
+        u = torch.sigmoid(o.logit_mean + o.logit_std * torch.randn(b, generator=g))    # logit-normal (§4.2)
+        if o.discrete_time:
+            u = (u * 1000).floor().clamp(max=999) / 1000                    # SANA's linspace(0, 0.999, 1000) grid
+        t = shift_time(u, o.flow_shift)
+        noise = torch.randn((b, self.model_cfg.in_channels, h, w), generator=g)
+        drop = torch.rand(b, generator=g) < o.caption_dropout
+        text, mask = d["text"][chosen].float(), d["text_mask"][chosen]
+        text = torch.where(drop[:, None, None], d["null_text"].float(), text)
+        mask = torch.where(drop[:, None], d["null_mask"], mask)
+        batch = {"x0": d["latents"][idx][:, :, :h, :w], "noise": noise, "t": t, "text": text, "mask": mask}
+        return {k: self.env.local(v).to(self.env.device) for k, v in batch.items()}
+
+    def loss(self, model: nn.Module, batch: dict[str, Tensor]) -> Tensor:
+        t = batch["t"]
+        x_t = flow_path(batch["x0"], batch["noise"], t)
+        timestep = network_time(t, self.opt.discrete_time)                   # floor(1000 t) on SANA's grid (§4.2)
+        v = model(x_t, timestep, batch["text"], batch["mask"])
+        return F.mse_loss(v.float(), velocity_target(batch["x0"], batch["noise"]))    # plain MSE (§4.3)
+
+    def export(self, model: nn.Module, folder: Path) -> None:
+        from .hub import save_dit
+        save_dit(model, folder)
+
+
+def _pad_stack(latents: list[Tensor]) -> Tensor:
+    h = max(z.shape[1] for z in latents)
+    w = max(z.shape[2] for z in latents)
+    return torch.stack([F.pad(z, (0, w - z.shape[2], 0, h - z.shape[1])) for z in latents])

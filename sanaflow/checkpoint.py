@@ -89,7 +89,14 @@ def save(run: Path, step: int, weights: dict[str, Tensor], optimizer: dict, stat
     tmp.mkdir()
 
     def tensors(sd: dict[str, Tensor]) -> dict[str, Tensor]:
-        return {k: v.detach().cpu().contiguous() for k, v in sd.items()}
+        # safetensors refuses tensors sharing memory (tied weights, e.g. Gemma's embeddings): copy repeats.
+        out, seen = {}, set()
+        for k, v in sd.items():
+            v = v.detach().cpu().contiguous()
+            ptr = v.untyped_storage().data_ptr()
+            out[k] = v.clone() if ptr in seen else v
+            seen.add(ptr)
+        return out
     _write(tmp / "model.safetensors", lambda p: save_file(tensors(weights), p))
     if ema is not None:
         _write(tmp / "ema.safetensors", lambda p: save_file(tensors(ema), p))

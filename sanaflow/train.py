@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import hashlib
 import json
 import math
 import os
@@ -192,6 +193,29 @@ def open_dataset(path: str | Path):
     return read_wds(path) if any(path.glob("*.tar")) else read_image_folder(path)
 
 
+def fingerprint(path: str | Path) -> str:
+    """Names, sizes and mtimes of the files under `path` (or of one file): a data set or model folder rewritten
+    in place gets a new fingerprint, and so a rebuilt cache."""
+    path = Path(path)
+    if not path.exists():
+        return "missing"
+    files = sorted(f for f in path.rglob("*") if f.is_file()) if path.is_dir() else [path]
+    listing = [(str(f.relative_to(path) if path.is_dir() else f.name), f.stat().st_size, f.stat().st_mtime_ns)
+               for f in files]
+    return hashlib.sha256(json.dumps(listing).encode()).hexdigest()[:16]
+
+
+def cache_metadata(path: Path) -> dict:
+    """The metadata of a safetensors cache file, or {} if it is missing, cut short by a crash or unreadable (the
+    caller then rebuilds it). Caches keep their key in this metadata, so data and key are replaced together."""
+    from safetensors import SafetensorError, safe_open
+    try:
+        with safe_open(path, "pt") as f:
+            return f.metadata() or {}
+    except (SafetensorError, OSError):
+        return {}
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Deterministic data order and per-step randomness
 
@@ -276,6 +300,23 @@ class DistEnv:
     def barrier(self) -> None:
         if self.world > 1:
             dist.barrier()
+
+    def on_main(self, fn) -> None:
+        """Run fn() on rank 0 only (e.g. build a cache), the others waiting. If it raises, every rank raises, instead
+        of the others waiting at a barrier until torchrun kills them."""
+        error = None
+        if self.main:
+            try:
+                fn()
+            except Exception as e:       # re-raised below, after telling the other ranks
+                error = e
+        if self.world > 1:
+            failed = torch.tensor([int(error is not None)], device=self.device)
+            dist.all_reduce(failed)      # also the barrier
+            if failed.item() and error is None:
+                raise RuntimeError("rank 0 failed while preparing the run; its error says why")
+        if error is not None:
+            raise error
 
     def mean(self, x: Tensor) -> Tensor:
         if self.world > 1:
@@ -440,7 +481,7 @@ def train(cfg: TrainConfig, run: str | Path, env: DistEnv | None = None, progres
     if cfg.parallel == "fsdp" and env.world > 1:           # sharded parameters: gather a full copy to export
         weights = _full_state(wrapped)                      # collective; the full copy lands on rank 0 only
         if env.main:
-            final = task.build_model()
+            final = task.build_model().to(env.device)
             final.load_state_dict(weights)
     if env.main:
         # The exported model is the newest checkpoint's weights (EMA if on), in the task's loadable format.

@@ -11,7 +11,6 @@ batch (all randomness from the step's generator, train.py):
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import os
 from dataclasses import dataclass
@@ -24,7 +23,8 @@ from torch import Tensor, nn
 
 from .dit import DIT_PRESETS, DiT, DiTConfig
 from .flow import flow_path, network_time, shift_time, velocity_target
-from .train import BatchOrder, DataError, DistEnv, TrainConfig, caption_weights, open_dataset
+from .train import (BatchOrder, DataError, DistEnv, TrainConfig, cache_metadata, caption_weights, fingerprint,
+                    open_dataset)
 
 
 @dataclass(frozen=True)
@@ -66,14 +66,6 @@ def dit_config(model) -> DiTConfig:
     return dataclasses.replace(base, **fields)
 
 
-def _fingerprint(path: str) -> str:
-    """Identifies a model folder's contents cheaply: names, sizes and mtimes of its files."""
-    p = Path(path)
-    files = sorted(f for f in p.rglob("*") if f.is_file()) if p.is_dir() else []
-    return hashlib.sha256(json.dumps([(str(f.relative_to(p)), f.stat().st_size, f.stat().st_mtime_ns)
-                                      for f in files]).encode()).hexdigest()[:16]
-
-
 class DiTTask:
     Options = DiTOptions
 
@@ -85,8 +77,9 @@ class DiTTask:
 
     def _cache_key(self) -> dict:
         o = self.opt
-        return {"data": str(Path(self.cfg.data).resolve()), "resolution": o.resolution, "buckets": o.buckets,
-                "vae": _fingerprint(o.vae), "text_encoder": _fingerprint(o.text_encoder),
+        return {"data": str(Path(self.cfg.data).resolve()), "files": fingerprint(self.cfg.data),
+                "resolution": o.resolution, "buckets": o.buckets,
+                "vae": fingerprint(o.vae), "text_encoder": fingerprint(o.text_encoder),
                 "text_max_length": o.text_max_length, "chi": o.chi, "captions_per_image": o.captions_per_image}
 
     def prepare(self) -> dict:
@@ -96,14 +89,12 @@ class DiTTask:
                 raise DataError(f"options.{name}={getattr(o, name)!r}: no such folder (train it first with "
                                 f"`sanaflow train --preset ...`)")
         reader = open_dataset(self.cfg.data)
-        key = self._cache_key()
-        meta_path = cache.with_suffix(".json")
-        fresh = cache.is_file() and meta_path.is_file() and json.loads(meta_path.read_text()).get("key") == key
-        if self.env.main and not fresh:
-            self._build_cache(reader, cache, key)
-        self.env.barrier()
+        key = json.dumps(self._cache_key())
+        fresh = cache_metadata(cache).get("key") == key
+        if not fresh:                                         # rank 0 builds, the others then read what it wrote
+            self.env.on_main(lambda: self._build_cache(reader, cache, key))
         self.data = load_file(cache)
-        info = json.loads(meta_path.read_text())["info"]
+        info = json.loads(cache_metadata(cache)["info"])
         lat = self.data["latents"]
         if lat.shape[1] != self.model_cfg.in_channels or self.data["text"].shape[-1] != self.model_cfg.caption_channels:
             raise ValueError(f"model: in_channels={self.model_cfg.in_channels}, caption_channels="
@@ -119,7 +110,7 @@ class DiTTask:
         return info
 
     @torch.no_grad()
-    def _build_cache(self, reader, cache: Path, key: dict) -> None:
+    def _build_cache(self, reader, cache: Path, key: str) -> None:
         from .hub import load_dcae
         from .pipeline import aspect_ratio_bins, resize_and_crop
         from .text import CHI_DIFFUSERS, TextConfig, TextEncoder
@@ -178,11 +169,9 @@ class DiTTask:
                 "skipped": dict(reader.skipped)}
         cache.parent.mkdir(parents=True, exist_ok=True)
         tmp = cache.with_name(f".{cache.name}.tmp")
-        save_file(data, tmp)
+        # The key lives in the file's own metadata, so data and key are always replaced together.
+        save_file(data, tmp, metadata={"key": key, "info": json.dumps(info)})
         os.replace(tmp, cache)
-        meta_tmp = cache.with_name(".dit.json.tmp")
-        meta_tmp.write_text(json.dumps({"key": key, "info": info}, indent=1))
-        os.replace(meta_tmp, cache.with_suffix(".json"))
 
     # ------------------------------------------------------------------------------------------------ steps
 

@@ -157,12 +157,11 @@ class TextTask:
                             f"skipped: {skipped or 'none'}")
         folder, recipe = self.run / "tokenizer", {"vocab_size": self.opt.vocab_size, "lowercase": self.opt.lowercase,
                                                   "train_captions": len(fit)}
-        if self.env.main and not folder.is_dir():        # a resumed run reuses its tokenizer: ids must not move
+        if not folder.is_dir():                          # a resumed run reuses its tokenizer: ids must not move
             def write(tmp: Path) -> None:
                 train_tokenizer(fit, self.opt.vocab_size).save_pretrained(str(tmp))
                 (tmp / "recipe.json").write_text(json.dumps(recipe))
-            write_folder_atomic(folder, write)
-        self.env.barrier()
+            self.env.on_main(lambda: write_folder_atomic(folder, write))
         found = json.loads((folder / "recipe.json").read_text()) if (folder / "recipe.json").is_file() else None
         if found != recipe:
             raise ValueError(f"{folder}: a tokenizer trained with {found}, not {recipe}; "

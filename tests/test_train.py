@@ -26,6 +26,15 @@ from tests.tiny_text import make_gemma, make_tokenizer
 ROOT = Path(__file__).resolve().parents[1]
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    # Tiny models: a second thread only adds synchronisation, which on a busy 2-core machine costs 10-40x.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def frozen(tmp_path_factory) -> dict:
     """A shapes data set (24 images, 32 px), a random tiny DC-AE (2x, 4 channels) and a random tiny text encoder."""
@@ -250,3 +259,34 @@ def test_two_torchrun_processes_match_one_process(frozen, tmp_path, parallel):
 def load_dit_weights(folder: Path) -> dict:
     from sanaflow.hub import load_dit
     return load_dit(folder).state_dict()
+
+
+def test_cli_train_dry_run_resolves_presets_and_overrides(tmp_path):
+    from click.testing import CliRunner
+    from sanaflow.cli import main
+    result = CliRunner().invoke(main, ["train", "--preset", "shapes-dit", "--dry-run", "--steps", "7",
+                                       "--set", "lr=3e-4", "--set", "options.flow_shift=2", "--data", "d/x"])
+    assert result.exit_code == 0, result.output
+    cfg = json.loads(result.output)
+    assert (cfg["steps"], cfg["lr"], cfg["options"]["flow_shift"], cfg["data"], cfg["out"]) == \
+        (7, 3e-4, 2, "d/x", str(Path("runs") / "shapes-dit"))
+    bad = CliRunner().invoke(main, ["train", "--preset", "shapes-dit", "--dry-run", "--set", "options.nope=1"])
+    assert bad.exit_code == 2 and "nope" in bad.output
+    missing = CliRunner().invoke(main, ["train", "--preset", "shapes-text", "--data", str(tmp_path / "nowhere"),
+                                        "--out", str(tmp_path / "run")])
+    assert missing.exit_code == 1 and "nowhere" in missing.output
+
+
+def test_cli_train_runs_and_resumes(frozen, tmp_path):
+    from click.testing import CliRunner
+    from sanaflow.cli import main
+    cfg_file = tmp_path / "cfg.json"
+    cfg_file.write_text(json.dumps(config(frozen, steps=2).to_dict()))
+    args = ["train", "--config", str(cfg_file), "--out", str(tmp_path / "run"), "--device", "cpu"]
+    first = CliRunner().invoke(main, args)
+    assert first.exit_code == 0, first.output
+    again = CliRunner().invoke(main, args + ["--steps", "3", "--resume"])
+    assert again.exit_code == 0, again.output
+    events = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    assert [e.get("event") for e in events if "event" in e] == ["start", "resume"]
+    assert checkpoint.latest(tmp_path / "run").name == "step-000003"

@@ -1,0 +1,186 @@
+"""The DC-AE's training task: pixel reconstruction, then the latent scale the DiT is trained in (sana-spec §2).
+
+prepare() decodes the data set once, resized and centre-cropped to `resolution`, into a uint8 cache
+(run/cache/dcae.safetensors), so a resumed run starts without decoding again. Every process holds all of it in
+memory: 3 r^2 bytes an image, 192 KiB at 256 px. The last `eval_samples` images (in the reader's order, which is
+sorted and stable) are held out: never trained on, used only for the PSNR in run/ae_metrics.json.
+
+Loss: l1 * |x_hat - x| + l2 * (x_hat - x)^2, averaged, on images in [-1, 1] (§2.5). The DC-AE paper adds LPIPS and
+a GAN loss (arXiv 2410.10733); both need downloaded networks, so they are left out and reconstructions are blurrier
+than the released AE's. A batch draws no randomness (no augmentation): the step's generator goes unused.
+
+export() measures the unscaled encoder output on `stats_samples` training images and sets scaling_factor =
+1 / std, so that the latents the DiT sees, Enc(x) * scaling_factor, have unit variance: how SANA's 0.41407 was
+chosen (§2.5). Like SANA, there is no shift (§8 item 11); the latent mean is reported so that one can check it is
+small.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import Tensor, nn
+
+from . import checkpoint
+from .dcae import DCAE, DCAE_PRESETS, DCAEConfig
+from .hub import save_dcae
+from .train import BatchOrder, DataError, DistEnv, TrainConfig, cache_metadata, fingerprint, open_dataset
+
+CACHE_VERSION = 1                        # bump when the cached pixels would change for the same key (e.g. resampling)
+
+
+@dataclass(frozen=True)
+class DCAEOptions:
+    resolution: int = 256                # square training images; a multiple of the AE's compression
+    l1: float = 1.0                      # weight of the mean absolute error
+    l2: float = 1.0                      # weight of the mean squared error
+    stats_samples: int = 512             # training images whose latents set the scaling factor
+    eval_samples: int = 64               # images held out of training, for the PSNR in ae_metrics.json
+
+    def __post_init__(self):
+        if isinstance(self.resolution, bool) or not isinstance(self.resolution, int) or self.resolution < 1:
+            raise ValueError(f"options.resolution={self.resolution!r}: must be a positive int")
+        if not (self.l1 >= 0 and self.l2 >= 0 and self.l1 + self.l2 > 0 and math.isfinite(self.l1 + self.l2)):
+            raise ValueError(f"options.l1={self.l1}, options.l2={self.l2}: must be >= 0, finite, not both 0")
+        if self.stats_samples < 1 or self.eval_samples < 0:
+            raise ValueError(f"options.stats_samples={self.stats_samples} must be >= 1 and "
+                             f"options.eval_samples={self.eval_samples} >= 0")
+
+
+def dcae_config(model) -> DCAEConfig:
+    """A preset name of DCAE_PRESETS, or a dict of DCAEConfig fields (with an optional "preset" to start from)."""
+    if isinstance(model, str):
+        if model not in DCAE_PRESETS:
+            raise ValueError(f"model={model!r}: not a DC-AE preset; one of {sorted(DCAE_PRESETS)}")
+        return DCAE_PRESETS[model]
+    if not isinstance(model, dict):
+        raise TypeError(f"model={model!r}: expected a DC-AE preset name or a dict of DCAEConfig fields")
+    fields = dict(model)
+    base = dcae_config(fields.pop("preset")) if "preset" in fields else DCAEConfig()
+    unknown = sorted(set(fields) - {f.name for f in dataclasses.fields(DCAEConfig)})
+    if unknown:
+        raise ValueError(f"model: unknown DCAEConfig fields {unknown}")
+    return dataclasses.replace(base, **fields)
+
+
+def square_crop(image: np.ndarray, size: int) -> np.ndarray:
+    """(H, W, 3) uint8 -> (3, size, size) uint8: scale the short side to `size`, then centre-crop.
+
+    PIL's bicubic filter widens its kernel when shrinking, so large photos are low-passed rather than aliased
+    (a plain bilinear interpolate, as in pipeline.resize_and_crop, samples without filtering)."""
+    h, w = image.shape[:2]
+    if (h, w) != (size, size):
+        scale = size / min(h, w)
+        rh, rw = max(size, round(h * scale)), max(size, round(w * scale))
+        top, left = (rh - size) // 2, (rw - size) // 2
+        im = Image.fromarray(image).resize((rw, rh), Image.Resampling.BICUBIC)
+        image = np.asarray(im.crop((left, top, left + size, top + size)))
+    return np.ascontiguousarray(image.transpose(2, 0, 1))
+
+
+def to_signed(images: Tensor) -> Tensor:
+    return images.float() / 127.5 - 1                                       # uint8 -> [-1, 1] (§2.5)
+
+
+def psnr(x_hat: Tensor, x: Tensor) -> Tensor:
+    """Per-image PSNR in dB of (B, 3, H, W) images in [-1, 1], measured on [0, 1] after clamping x_hat."""
+    a, b = (x_hat.float().clamp(-1, 1) + 1) / 2, (x.float() + 1) / 2
+    mse = (a - b).square().flatten(1).mean(1).clamp_min(1e-10)              # identical images: 100 dB, not inf
+    return -10 * torch.log10(mse)                                           # (B,)
+
+
+class DCAETask:
+    Options = DCAEOptions
+
+    def __init__(self, cfg: TrainConfig, run: Path, env: DistEnv):
+        self.cfg, self.opt, self.run, self.env = cfg, cfg.options, Path(run), env
+        self.model_cfg = dcae_config(cfg.model)
+        f = self.model_cfg.compression
+        if self.opt.resolution % f:
+            raise ValueError(f"options.resolution={self.opt.resolution}: must be a multiple of the DC-AE's "
+                             f"compression {f}")
+
+    # ------------------------------------------------------------------------------------------------- data
+
+    def prepare(self) -> dict:
+        data, cache = Path(self.cfg.data), self.run / "cache" / "dcae.safetensors"
+        reader = open_dataset(data)                           # DataError if the folder is missing, on every rank
+        key = json.dumps({"data": str(data.resolve()), "files": fingerprint(data),
+                          "resolution": self.opt.resolution, "version": CACHE_VERSION})
+        fresh = cache.is_file() and cache_metadata(cache).get("key") == key
+        if not fresh:                                         # rank 0 builds, the others then read what it wrote
+            self.env.on_main(lambda: self._build_cache(reader, cache, key))
+        with safe_open(cache, "pt") as f:
+            images, skipped = f.get_tensor("images"), json.loads(f.metadata()["skipped"])
+        n, n_eval = len(images), self.opt.eval_samples
+        if n == 0:
+            raise DataError(f"data={str(data)!r}: no readable images (skipped: {skipped})")
+        if n - n_eval < self.cfg.batch_size:
+            raise DataError(f"data={str(data)!r}: {n} images, of which options.eval_samples={n_eval} are held out, "
+                            f"leave {n - n_eval} for training: fewer than batch_size={self.cfg.batch_size}")
+        self.images, self.n_train = images, n - n_eval                    # (N, 3, r, r) uint8, on the CPU
+        self.order = BatchOrder({self.opt.resolution: torch.arange(self.n_train)}, self.cfg.batch_size, self.cfg.seed)
+        return {"samples": self.n_train, "eval_samples": n_eval, "skipped": skipped,
+                "cache": "reused" if fresh else "built"}
+
+    def _build_cache(self, reader, cache: Path, key: str) -> None:
+        size = self.opt.resolution
+        images = [square_crop(s.image, size) for s in reader]
+        stacked = np.stack(images) if images else np.zeros((0, 3, size, size), np.uint8)
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        tmp = cache.with_name(f".{cache.name}.tmp")
+        # One file holds the pixels and the key they were made for, so the two are replaced together.
+        save_file({"images": torch.from_numpy(stacked)}, tmp,
+                  metadata={"key": key, "skipped": json.dumps(dict(reader.skipped))})
+        os.replace(tmp, cache)
+
+    # ------------------------------------------------------------------------------------------------ steps
+
+    def build_model(self) -> nn.Module:
+        return DCAE(self.model_cfg)                           # PyTorch's default init (dcae.DCAE docstring)
+
+    def batch(self, step: int, g: torch.Generator) -> dict[str, Tensor]:
+        _, idx = self.order(step)
+        x = self.images[self.env.local(idx)].to(self.env.device)          # (b, 3, r, r), moved as uint8
+        return {"images": to_signed(x)}
+
+    def loss(self, model: nn.Module, batch: dict[str, Tensor]) -> Tensor:
+        x = batch["images"]
+        err = model(x).float() - x                            # model(x) = Dec(Enc(x)), no scaling (dcae.DCAE)
+        return self.opt.l1 * err.abs().mean() + self.opt.l2 * err.square().mean()
+
+    # ----------------------------------------------------------------------------------------------- export
+
+    @torch.no_grad()
+    def export(self, model: nn.Module, folder: Path) -> None:
+        # The model's own device: under FSDP the loop gathers a CPU copy to export. Batches of one step's share.
+        device, bs = next(model.parameters()).device, max(1, self.cfg.batch_size // self.env.world)
+        stats_images = self.images[:min(self.opt.stats_samples, self.n_train)]
+        z = torch.cat([model.encoder(to_signed(x.to(device))).float().cpu()
+                       for x in stats_images.split(bs)])                   # (n, C, r/f, r/f), unscaled
+        std = z.std().item()
+        scaled = dataclasses.replace(model.cfg, scaling_factor=1 / std)   # Enc(x) * s has unit variance (§2.5)
+        with torch.device("meta"):
+            out = DCAE(scaled)
+        out.load_state_dict(model.state_dict(), assign=True)              # shares the trained tensors
+        save_dcae(out, folder)
+
+        held_out = self.images[self.n_train:]
+        scores = [psnr(model(x), x) for x in (to_signed(b.to(device)) for b in held_out.split(bs))]
+        metrics = {
+            "scaling_factor": 1 / std,
+            "latent": {"samples": len(z), "shape": list(z.shape[1:]), "mean": z.mean().item(), "std": std,
+                       "channel_mean": z.mean((0, 2, 3)).tolist(), "channel_std": z.std((0, 2, 3)).tolist()},
+            "eval": {"samples": len(held_out),
+                     "psnr_db": torch.cat(scores).mean().item() if scores else None},   # mean of per-image PSNR
+        }
+        checkpoint.write_json_atomic(self.run / "ae_metrics.json", metrics)

@@ -1,0 +1,185 @@
+"""The DC-AE training task (sanaflow/train_dcae.py) through the shared loop: reconstruction, scaling factor, data."""
+from __future__ import annotations
+
+import io
+import json
+import re
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from sanaflow import shapes, train_dcae
+from sanaflow.data import write_wds
+from sanaflow.dcae import DCAE, DCAE_PRESETS
+from sanaflow.hub import load_dcae
+from sanaflow.train import DataError, DistEnv, TrainConfig, train
+from sanaflow.train_dcae import DCAETask, psnr, square_crop
+
+N, SIZE, N_EVAL = 24, 32, 4                 # 24 shapes images of 32 px; the last 4 are held out
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    # The tiny AE's convs have 8 channels: a second thread only adds synchronisation, which on a busy machine made
+    # a step 10-100x slower (measured: 0.4-3 s instead of 25 ms).
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> Path:
+    d = tmp_path_factory.mktemp("dcae") / "data"
+    write_wds(shapes.samples(N, SIZE, seed=1), d, shard_size=10)
+    return d
+
+
+def config(data: Path, options: dict | None = None, **changes) -> TrainConfig:
+    options = {"resolution": SIZE, "eval_samples": N_EVAL, "stats_samples": 16, **(options or {})}
+    return TrainConfig(**{"task": "dcae", "data": str(data), "model": "tiny", "options": options, "steps": 40,
+                          "batch_size": 4, "lr": 2e-3, "grad_clip": 1.0, "save_every": 100, "log_every": 1,
+                          "seed": 0, **changes})
+
+
+def images(indices, seed: int = 1) -> torch.Tensor:
+    """Shapes images rendered afresh (not read from the cache), in [-1, 1]: (B, 3, SIZE, SIZE)."""
+    arr = np.stack([shapes.sample(i, SIZE, seed)[0] for i in indices])
+    return torch.from_numpy(arr).permute(0, 3, 1, 2).float() / 127.5 - 1
+
+
+@torch.no_grad()
+def mean_psnr(model: DCAE, x: torch.Tensor) -> float:
+    return psnr(model(x), x).mean().item()
+
+
+def test_training_lowers_reconstruction_error_and_exports_unit_variance_latents(data, tmp_path):
+    cfg = config(data)
+    torch.manual_seed(cfg.seed)                               # the loop builds its model right after this seed
+    untrained = DCAE(DCAE_PRESETS["tiny"])
+    held_out, stats = images(range(N - N_EVAL, N)), images(range(16))
+    before = mean_psnr(untrained, held_out)
+
+    train(cfg, tmp_path, progress=False)
+    log = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
+    losses = [e["loss"] for e in log if "loss" in e]
+    assert log[0]["samples"] == N - N_EVAL and log[0]["eval_samples"] == N_EVAL and log[0]["skipped"] == {}
+    assert np.mean(losses[-5:]) < 0.5 * losses[0], losses        # losses[0]: the untrained model
+
+    vae = load_dcae(tmp_path / "model")
+    metrics = json.loads((tmp_path / "ae_metrics.json").read_text())
+    after = mean_psnr(vae, held_out)
+    # Images the model never trained on: the trained AE must reconstruct them clearly better than its init.
+    assert after > before + 3, (before, after)
+    # ae_metrics.json's PSNR is on exactly these held-out images (the last eval_samples of the data set).
+    assert metrics["eval"] == {"samples": N_EVAL, "psnr_db": pytest.approx(after, abs=1e-3)}
+    # Encoding and decoding through the scaled latent space reconstructs as the unscaled forward does.
+    with torch.no_grad():
+        z = vae.encode(stats)
+        assert psnr(vae.decode(z), stats).mean().item() == pytest.approx(mean_psnr(vae, stats), abs=1e-3)
+    # scaling_factor = 1 / std of the latents of the stats images, so their scaled latents have std 1 (§2.5).
+    assert vae.cfg.scaling_factor == pytest.approx(metrics["scaling_factor"], rel=1e-6)
+    assert z.std().item() == pytest.approx(1.0, abs=1e-4)
+    assert metrics["latent"]["std"] == pytest.approx(1 / vae.cfg.scaling_factor, rel=1e-5)
+    assert len(metrics["latent"]["channel_std"]) == DCAE_PRESETS["tiny"].latent_channels
+    with torch.no_grad():
+        other = vae.encode(images(range(16, 20)))            # training images the statistics did not see
+    assert 0.7 < other.std().item() < 1.4, other.std().item()
+
+
+def test_cache_is_reused_and_rebuilt_when_the_data_or_resolution_change(data, tmp_path, monkeypatch):
+    first = DCAETask(config(data), tmp_path, DistEnv())
+    assert first.prepare()["cache"] == "built"
+    # The cached pixels are the rendered images, in the reader's order; the held-out ones are the last.
+    torch.testing.assert_close(first.images.float() / 127.5 - 1, images(range(N)), rtol=0, atol=1e-6)
+
+    def no_decoding(*args):
+        raise AssertionError("decoded the data again")
+    with monkeypatch.context() as m:                          # a resumed run reads the cache, decodes nothing
+        m.setattr(train_dcae, "square_crop", no_decoding)
+        again = DCAETask(config(data), tmp_path, DistEnv())
+        assert again.prepare()["cache"] == "reused"
+    assert torch.equal(again.images, first.images)
+
+    half = DCAETask(config(data, options={"resolution": SIZE // 2}), tmp_path, DistEnv())
+    assert half.prepare()["cache"] == "built" and half.images.shape == (N, 3, SIZE // 2, SIZE // 2)
+
+    rewritten = tmp_path / "rewritten"
+    write_wds(shapes.samples(N, SIZE, seed=2), rewritten, shard_size=10)
+    task = DCAETask(config(rewritten), tmp_path, DistEnv())
+    assert task.prepare()["cache"] == "built"
+    torch.testing.assert_close(task.images.float() / 127.5 - 1, images(range(N), seed=2), rtol=0, atol=1e-6)
+
+
+def test_batches_never_hold_out_images_and_split_across_ranks(data, tmp_path):
+    task = DCAETask(config(data), tmp_path, DistEnv())
+    task.prepare()
+    steps = range(3 * task.order.per_epoch)
+    seen = torch.cat([task.order(s)[1] for s in steps])
+    assert seen.max().item() < N - N_EVAL and len(set(seen.tolist())) == N - N_EVAL
+    whole = task.batch(7, torch.Generator())["images"]
+    parts = []
+    for rank in range(2):                                     # each of 2 processes takes its half of the batch
+        task.env = DistEnv(rank=rank, world=2)
+        parts.append(task.batch(7, torch.Generator())["images"])
+    assert torch.equal(torch.cat(parts), whole)
+
+
+def test_missing_or_empty_data_is_an_error_before_any_work(tmp_path):
+    (tmp_path / "empty").mkdir()
+    for folder in (tmp_path / "missing", tmp_path / "empty"):
+        run = tmp_path / f"run-{folder.name}"
+        with pytest.raises(DataError, match=re.escape(str(folder))):
+            train(config(folder), run, progress=False)
+        assert not (run / "checkpoints").exists() and not (run / "model").exists()
+
+
+def test_too_few_training_images_is_an_error_naming_eval_samples(data, tmp_path):
+    with pytest.raises(DataError, match=r"eval_samples=22 .* leave 2 for training.*batch_size=4"):
+        DCAETask(config(data, options={"eval_samples": 22}), tmp_path, DistEnv()).prepare()
+
+
+def test_a_corrupt_image_is_skipped_and_counted(tmp_path):
+    write_wds(shapes.samples(8, SIZE, seed=1), tmp_path / "src", shard_size=8)
+    members = []
+    with tarfile.open(tmp_path / "src" / "shapes-000000.tar") as tf:
+        for m in tf:
+            payload = tf.extractfile(m).read()
+            members.append((m.name, payload[: len(payload) // 2] if m.name.startswith("000000003.png") else payload))
+    (tmp_path / "data").mkdir()
+    with tarfile.open(tmp_path / "data" / "bad.tar", "w", format=tarfile.USTAR_FORMAT) as tf:
+        for name, payload in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(payload)
+            tf.addfile(info, io.BytesIO(payload))
+    task = DCAETask(config(tmp_path / "data", options={"eval_samples": 2}), tmp_path / "run", DistEnv())
+    info = task.prepare()
+    assert info["skipped"] == {"bad_image": 1} and info["samples"] == 5 and info["eval_samples"] == 2
+    expected = images([0, 1, 2, 4, 5, 6, 7])                  # sample 3 is gone, the rest keep their order
+    torch.testing.assert_close(task.images.float() / 127.5 - 1, expected, rtol=0, atol=1e-6)
+
+
+def test_bad_settings_name_the_field(data, tmp_path):
+    with pytest.raises(ValueError, match="options.resolution=33"):
+        DCAETask(config(data, options={"resolution": 33}), tmp_path, DistEnv())     # tiny compresses 2x
+    with pytest.raises(ValueError, match=r"unknown DCAEConfig fields \['width'\]"):
+        DCAETask(config(data, model={"preset": "tiny", "width": 8}), tmp_path, DistEnv())
+    with pytest.raises(ValueError, match="model='huge'"):
+        DCAETask(config(data, model="huge"), tmp_path, DistEnv())
+    with pytest.raises(ValueError, match="options.l1"):
+        config(data, options={"l1": 0.0, "l2": 0.0})
+
+
+def test_psnr_and_square_crop_closed_forms():
+    x = torch.zeros(2, 3, 8, 8)
+    assert psnr(x + 0.2, x).tolist() == pytest.approx([20.0, 20.0], abs=1e-4)   # 0.1 on [0, 1]: MSE 1e-2
+    assert psnr(x + 5, x + 1).tolist() == pytest.approx([100.0, 100.0])        # clamped to 1: identical
+    stripes = np.zeros((40, 120, 3), np.uint8)                 # red | green | blue thirds, 40 px each
+    for i in range(3):
+        stripes[:, 40 * i:40 * (i + 1), i] = 255
+    out = square_crop(stripes, 32)                            # short side 40 -> 32, centre crop of the green third
+    assert out.shape == (3, 32, 32) and out.dtype == np.uint8
+    assert (out[1, :, 4:28] == 255).all() and (out[[0, 2], :, 4:28] == 0).all()

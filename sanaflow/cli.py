@@ -93,10 +93,10 @@ def data_shapes(out: Path, num: int, size: int, fmt: str, seed: int, held_out: b
     items = samples(num, size, seed, held_out)
     if fmt == "wds":
         paths = write_wds(items, out, shard_size=shard_size, prefix="shapes-heldout" if held_out else "shapes",
-                          progress=True)
+                          progress=True, total=num)
         click.echo(f"wrote {num} samples in {len(paths)} shards to {out}")
     else:
-        click.echo(f"wrote {write_folder(items, out, progress=True)} samples to {out}")
+        click.echo(f"wrote {write_folder(items, out, progress=True, total=num)} samples to {out}")
 
 
 @main.command("eval")

@@ -93,8 +93,10 @@ def decode_image(data: bytes) -> np.ndarray:
         return np.asarray(to_rgb(im), dtype=np.uint8).copy()
 
 
-def _samples(samples: Iterable[tuple[ImageLike, dict]], progress: bool, desc: str) -> Iterator[tuple[str, bytes, bytes]]:
-    for i, item in enumerate(tqdm(samples, desc=desc, unit="img", disable=not progress)):
+def _samples(samples: Iterable[tuple[ImageLike, dict]], progress: bool, desc: str,
+             total: int | None = None) -> Iterator[tuple[str, bytes, bytes]]:
+    # total=None lets tqdm take len(samples) when there is one; a generator then shows a count without a total.
+    for i, item in enumerate(tqdm(samples, desc=desc, unit="img", disable=not progress, total=total)):
         if not isinstance(item, (tuple, list)) or len(item) != 2:
             raise TypeError(f"samples[{i}]: expected an (image, meta) pair, got {type(item).__name__}")
         image, meta = item
@@ -126,8 +128,10 @@ def _remove_stale_shards(out_dir: Path, prefix: str, n_written: int) -> None:
 
 
 def write_wds(samples: Iterable[tuple[ImageLike, dict]], out_dir: PathLike, shard_size: int = 1000,
-              prefix: str = "shapes", progress: bool = False) -> list[Path]:
+              prefix: str = "shapes", progress: bool = False, total: int | None = None) -> list[Path]:
     """Write (image, meta) pairs to tar shards {prefix}-NNNNNN.tar; returns the shard paths in order.
+
+    `total`: the number of samples, for the progress bar only (an iterator has no len()); it changes nothing else.
 
     Each shard is written to `*.tar.tmp` and renamed when complete, so a crash leaves only whole shards
     under final names. If `samples` raises, the shards completed before it stay and the error propagates.
@@ -141,7 +145,7 @@ def write_wds(samples: Iterable[tuple[ImageLike, dict]], out_dir: PathLike, shar
     written: list[Path] = []
     tf, tmp, n_in_shard = None, None, 0
     try:
-        for key, png, js in _samples(samples, progress, f"write_wds {out_dir}"):
+        for key, png, js in _samples(samples, progress, f"write_wds {out_dir}", total):
             if tf is None:
                 path = _shard_path(out_dir, prefix, len(written))
                 tmp = path.with_name(path.name + ".tmp")
@@ -181,16 +185,17 @@ def _write_atomic(path: Path, data: bytes) -> None:
         raise
 
 
-def write_folder(samples: Iterable[tuple[ImageLike, dict]], out_dir: PathLike, progress: bool = False) -> int:
+def write_folder(samples: Iterable[tuple[ImageLike, dict]], out_dir: PathLike, progress: bool = False,
+                 total: int | None = None) -> int:
     """Write (image, meta) pairs as out_dir/{key}.png + {key}.json; returns the number written.
 
     The JSON is written after the PNG, so a crash between the two leaves an image without a partner,
-    which read_folder skips and counts.
+    which read_folder skips and counts. `total`: as in `write_wds`, for the progress bar only.
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     n = 0
-    for key, png, js in _samples(samples, progress, f"write_folder {out_dir}"):
+    for key, png, js in _samples(samples, progress, f"write_folder {out_dir}", total):
         _write_atomic(out_dir / f"{key}.png", png)
         _write_atomic(out_dir / f"{key}.json", js)
         n += 1

@@ -149,8 +149,9 @@ class LinearAttention(nn.Module):
         q, k, v = (z.view(B, N, self.heads, -1).transpose(1, 2) for z in (q, k, v))   # (B, h, N, d)
         q, k, v = F.relu(q).float(), F.relu(k).float(), v.float()
         v = F.pad(v, (0, 1), value=1.0)                                         # (B, h, N, d+1)
-        kv = k.transpose(-1, -2) @ v                                            # (B, h, d, d+1): sum over tokens
-        out = q @ kv                                                            # (B, h, N, d+1)
+        with torch.autocast(x.device.type, enabled=False):                      # fp32 even in mixed precision (§4.10)
+            kv = k.transpose(-1, -2) @ v                                        # (B, h, d, d+1): sum over tokens
+            out = q @ kv                                                        # (B, h, N, d+1)
         out = out[..., :-1] / (out[..., -1:] + self.eps)                        # (B, h, N, d)
         out = self.proj(out.transpose(1, 2).reshape(B, N, D).to(x.dtype))       # (B, N, D)
         if out.dtype == torch.float16:

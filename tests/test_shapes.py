@@ -1,11 +1,13 @@
 """Tests for sanaflow.shapes: geometry, colours, rendering, held-out split and captions (checked by an independent
 parser of the caption vocabulary)."""
 import itertools
+import math
 import re
 
 import numpy as np
 import pytest
 
+from sanaflow import geneval as G
 from sanaflow import shapes as S
 from sanaflow.shapes import Scene, ShapeObject
 
@@ -169,8 +171,9 @@ def parse_np(text: str, scene: Scene) -> tuple[list[int], set[str]]:
     return idx, set(want)
 
 
-def check_caption(text: str, scene: Scene) -> float:
-    """Asserts everything the caption says is true; returns the score by the documented formula."""
+def check_caption(text: str, scene: Scene, margin: float = S.RELATION_MARGIN) -> float:
+    """Asserts everything the caption says is true; returns the score by the documented formula. A stated
+    relation needs the centres `margin` apart along its axis."""
     n = len(scene.objects)
     covered: dict[int, set[str]] = {}
     for m in NP_RE.finditer(text):
@@ -184,7 +187,7 @@ def check_caption(text: str, scene: Scene) -> float:
         oa, ob = scene.objects[a], scene.objects[b]
         dx, dy = ob.x - oa.x, ob.y - oa.y
         need = {"left of": dx, "right of": -dx, "above": dy, "below": -dy}[REL[rel]]
-        assert need >= S.RELATION_MARGIN, (text, scene)
+        assert need >= margin, (text, scene)
     bgs = BG_RE.findall(text)
     for word, _ in bgs:
         assert {"grey": "gray"}.get(word, word) == scene.background, text
@@ -239,3 +242,67 @@ def test_parser_catches_false_captions():
                 "a red circle on a black background", "a red circle above a blue square", "three shapes: a square"):
         with pytest.raises(AssertionError):
             check_caption(bad, sc)
+
+
+# --------------------------------------------------------------------------------------------- captions vs the detector
+# The tests above check captions against the scene they were made from. Here the same parser checks them against
+# the scene that sanaflow.geneval.detect reads off the rendered image, so a caption the picture does not show
+# (a renderer, caption or stored-scene bug that the scene alone would hide) fails.
+
+def _polygon_area(p: np.ndarray) -> float:
+    return 0.5 * abs(float(np.dot(p[:, 0], np.roll(p[:, 1], 1)) - np.dot(p[:, 1], np.roll(p[:, 0], 1))))
+
+
+# area of each shape inside a bounding circle of radius 1, from the renderer's geometry
+UNIT_AREA = {s: math.pi * S.CIRCLE_SCALE ** 2 if s == "circle" else _polygon_area(S._unit_polygon(s)) for s in S.SHAPES}
+
+
+def seen_scene(image: np.ndarray) -> Scene:
+    """The scene as the detector sees it: detect()'s objects, each with the size whose nominal area is nearest its
+    detected area in log scale (neighbouring sizes differ 2x; detected areas are within 12 % of nominal), on the
+    background colour nearest the corner pixel."""
+    def size_of(d):
+        return min(S.SIZES, key=lambda z: abs(math.log(d.area / (UNIT_AREA[d.shape] * (S.SIZES[z] / 2) ** 2))))
+
+    corner = image[0, 0].astype(int)
+    bg = min(S.BACKGROUNDS, key=lambda b: int(np.abs(np.array(S.BACKGROUNDS[b]) - corner).sum()))
+    return Scene(bg, tuple(ShapeObject(d.shape, d.color, size_of(d), d.x, d.y) for d in G.detect(image)))
+
+
+def _keys(scene: Scene) -> list[tuple[str, str, str]]:
+    return sorted((o.shape, o.color, o.size) for o in scene.objects)
+
+
+# Centroids vs drawn centres: measured within 0.005 of the side at 128 and 256 px. A stated relation needs 0.15
+# between the drawn centres, so the detected ones must keep at least 0.15 - 2 x 0.02.
+POS_TOL = 0.02
+
+
+@pytest.mark.parametrize(("size", "held_out", "num"),
+                         [(128, False, 100), (128, True, 100), (256, False, 50), (256, True, 50)])
+def test_captions_describe_what_the_detector_sees(size, held_out, num):
+    previous, rejected = None, 0
+    for image, meta in S.samples(num, size, seed=21, held_out=held_out):
+        truth, seen = Scene.from_dict(meta["scene"]), seen_scene(image)
+        assert seen.background == truth.background
+        assert _keys(seen) == _keys(truth), (truth, seen)              # count, shape, colour and size of each
+        for o in truth.objects:
+            assert any((d.shape, d.color, d.size) == (o.shape, o.color, o.size)
+                       and max(abs(d.x - o.x), abs(d.y - o.y)) <= POS_TOL for d in seen.objects), (o, seen)
+        for cap in meta["captions"]:
+            # every noun phrase (with its number), relation, background and "N shapes" of the caption holds in
+            # the detected scene, and the caption covers as much of it as its stored score says
+            score = check_caption(cap["text"], seen, margin=S.RELATION_MARGIN - 2 * POS_TOL)
+            assert score == pytest.approx(cap["score"]), (cap, seen)
+        # The check can fail: the previous image's complete caption (score 1) does not pass it on this image's
+        # detections whenever the two differ in background or objects -- a false fact fails check_caption, and
+        # a missing object lowers the score.
+        if previous is not None and (previous[1], previous[2]) != (seen.background, _keys(seen)):
+            try:
+                passes = check_caption(previous[0], seen, margin=S.RELATION_MARGIN - 2 * POS_TOL) == 1.0
+            except AssertionError:
+                passes = False
+            assert not passes, (previous[0], seen)
+            rejected += 1
+        previous = (meta["captions"][0]["text"], truth.background, _keys(truth))
+    assert rejected >= 0.9 * (num - 1)

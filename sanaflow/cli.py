@@ -194,5 +194,28 @@ def train(preset: str | None, config_file: Path | None, out: Path | None, data: 
 
 
 
+@main.command("export")
+@click.argument("run", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), required=True,
+              help="The diffusers-format SanaPipeline folder to write (replaced atomically).")
+@click.option("--dtype", type=click.Choice(["float32", "float16", "bfloat16"]), default="float32", show_default=True,
+              help="Storage dtype of the weights; loading casts back to the dtype asked for.")
+def export(run: Path, out: Path, dtype: str) -> None:
+    """Assemble the pipeline a finished DiT RUN trained for (its DiT, autoencoder, text encoder, text settings and
+    flow shift) into one folder that `sanaflow generate --model` and diffusers' SanaPipeline load."""
+    import torch
+    from .train_dit import pipeline_from_run
+    try:
+        pipe = pipeline_from_run(run)
+    except (ValueError, FileNotFoundError, OSError) as e:
+        raise click.ClickException(str(e)) from e
+    to = getattr(torch, dtype)
+    for net in (pipe.dit, pipe.vae, pipe.text.model):
+        net.to(to)
+    pipe.save_pretrained(out)
+    size = sum(f.stat().st_size for f in out.rglob("*") if f.is_file())
+    click.echo(f"wrote {out} ({size / 2**20:.1f} MiB, {dtype})")
+
+
 if __name__ == "__main__":
     main()

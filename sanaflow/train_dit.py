@@ -221,3 +221,23 @@ def _pad_stack(latents: list[Tensor]) -> Tensor:
     h = max(z.shape[1] for z in latents)
     w = max(z.shape[2] for z in latents)
     return torch.stack([F.pad(z, (0, w - z.shape[2], 0, h - z.shape[1])) for z in latents])
+
+
+def pipeline_from_run(run: str | Path):
+    """The whole text-to-image pipeline a DiT run trained for: its exported DiT (run/model), the frozen autoencoder
+    and text encoder it was trained on, and the text settings and flow shift it used (run/config.json)."""
+    from .hub import load_dcae, load_dit
+    from .pipeline import Pipeline
+    from .text import CHI_DIFFUSERS, TextConfig, TextEncoder
+    from .train import load_config
+    run = Path(run)
+    cfg = load_config(run / "config.json")
+    if cfg.task != "dit":
+        raise ValueError(f"{run / 'config.json'}: a {cfg.task!r} run; a pipeline is assembled from a 'dit' run")
+    o = cfg.options
+    if not (run / "model").is_dir():
+        raise FileNotFoundError(f"{run / 'model'}: no exported DiT yet (the run exports it when it finishes)")
+    text = TextEncoder.from_pretrained(Path(o.text_encoder) / "text_encoder", Path(o.text_encoder) / "tokenizer",
+                                       config=TextConfig(max_length=o.text_max_length,
+                                                         chi=CHI_DIFFUSERS if o.chi else None))
+    return Pipeline(load_dit(run / "model"), load_dcae(o.vae), text, flow_shift=o.flow_shift, name=str(run))

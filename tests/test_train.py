@@ -290,3 +290,21 @@ def test_cli_train_runs_and_resumes(frozen, tmp_path):
     events = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
     assert [e.get("event") for e in events if "event" in e] == ["start", "resume"]
     assert checkpoint.latest(tmp_path / "run").name == "step-000003"
+
+
+def test_export_assembles_the_pipeline_a_dit_run_trained_for(frozen, tmp_path):
+    from click.testing import CliRunner
+    from sanaflow.cli import main
+    from sanaflow.pipeline import GenerateRequest, Pipeline
+    from sanaflow.train_dit import pipeline_from_run
+    train(config(frozen, steps=2), tmp_path / "run", progress=False)
+    result = CliRunner().invoke(main, ["export", str(tmp_path / "run"), "--out", str(tmp_path / "pipe")])
+    assert result.exit_code == 0, result.output
+    loaded = Pipeline.from_pretrained(tmp_path / "pipe")
+    assert loaded.text.config.max_length == 24 and loaded.text.config.chi is None    # what the DiT was trained on
+    req = GenerateRequest(prompts=("a red circle",), height=32, width=32, steps=3, guidance=2.0, seeds=(0,))
+    image = loaded.generate(req)
+    assert image.shape == (1, 3, 32, 32)
+    assert torch.allclose(image, pipeline_from_run(tmp_path / "run").generate(req), atol=1e-5)
+    bad = CliRunner().invoke(main, ["export", str(frozen["vae"]), "--out", str(tmp_path / "x")])
+    assert bad.exit_code == 1 and "config.json" in bad.output

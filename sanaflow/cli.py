@@ -42,7 +42,6 @@ def generate(prompt: str, out: Path, model: Path | None, steps: int, guidance: f
     from .pipeline import GenerateRequest, Pipeline, load_default, save_png
 
     start = time.perf_counter()
-    torch.set_grad_enabled(False)
     pipe = Pipeline.from_pretrained(model) if model is not None else load_default()
     if pipe.name == "random-small":
         click.echo("note: no trained model is bundled with this version of sanaflow yet; using a small pipeline "
@@ -121,7 +120,6 @@ def evaluate(model: Path | None, prompts_file: Path | None, split: str, per_cate
     from .geneval import evaluate_pipeline, load_prompts, prompt_set, write_report
     from .pipeline import GenerateRequest, Pipeline, load_default
 
-    torch.set_grad_enabled(False)
     pipe = Pipeline.from_pretrained(model) if model is not None else load_default()
     prompts = load_prompts(prompts_file) if prompts_file else prompt_set(split == "held-out", seed, per_category)
 

@@ -391,6 +391,7 @@ def _comparable(d: dict) -> dict:
     return {k: v for k, v in d.items() if k not in ("steps", "save_every", "log_every", "keep")}
 
 
+@torch.enable_grad()          # whatever the caller's grad mode (e.g. after an in-process `sanaflow generate`)
 def train(cfg: TrainConfig, run: str | Path, env: DistEnv | None = None, progress: bool = True,
           require_checkpoint: bool = False) -> dict:
     """Train `cfg` in folder `run` up to cfg.steps, resuming from its newest checkpoint. Returns a summary:

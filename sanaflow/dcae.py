@@ -353,6 +353,8 @@ class DCAE(nn.Module):
                              f"(B, {self.cfg.latent_channels}, h, w) with h, w >= 1")
         return self.decoder(z / self.cfg.scaling_factor)                    # (B, 3, h f, w f)
 
-    def forward(self, x: Tensor) -> Tensor:
-        """Reconstruction for autoencoder training; the scaling factor cancels, so it is not applied."""
-        return self.decoder(self.encoder(x))
+    def forward(self, x: Tensor, return_latent: bool = False) -> Tensor | tuple[Tensor, Tensor]:
+        """Reconstruction for autoencoder training; the scaling factor cancels, so it is not applied. With
+        return_latent, also the unscaled latent (for a penalty on it; DDP only sees calls of forward)."""
+        z = self.encoder(x)
+        return (self.decoder(z), z) if return_latent else self.decoder(z)

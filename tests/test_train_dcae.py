@@ -183,3 +183,24 @@ def test_psnr_and_square_crop_closed_forms():
     out = square_crop(stripes, 32)                            # short side 40 -> 32, centre crop of the green third
     assert out.shape == (3, 32, 32) and out.dtype == np.uint8
     assert (out[1, :, 4:28] == 255).all() and (out[[0, 2], :, 4:28] == 0).all()
+
+
+def test_latent_penalty_adds_its_term_and_bounds_the_latent(data, tmp_path):
+    task = DCAETask(config(data, {"latent_l2": 0.5}), tmp_path / "a", DistEnv())
+    task.prepare()
+    torch.manual_seed(0)
+    model = task.build_model()
+    batch = task.batch(0, torch.Generator())
+    x = batch["images"]
+    with torch.no_grad():
+        z = model.encoder(x)
+        err = model.decoder(z) - x
+        expected = err.abs().mean() + err.square().mean() + 0.5 * z.square().mean()
+        assert torch.allclose(task.loss(model, batch), expected, rtol=1e-6)
+    # Trained with and without it, the same run: the penalty keeps the latent smaller.
+    stds = []
+    for weight in (0.0, 0.5):
+        out = train(config(data, {"latent_l2": weight}), tmp_path / f"w{weight}", progress=False)
+        with torch.no_grad():
+            stds.append(out["model"].encoder(images(range(N - N_EVAL))).std().item())
+    assert stds[1] < 0.7 * stds[0], stds

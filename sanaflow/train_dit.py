@@ -66,6 +66,19 @@ def dit_config(model) -> DiTConfig:
     return dataclasses.replace(base, **fields)
 
 
+def bucket_sizes(resolution: int, multiple: int) -> dict[str, tuple[int, int]]:
+    """Aspect-ratio buckets {"h/w": (h, w)} (sana-spec §4.9): SANA's own tables at 512 ... 4096 px, else the 1024
+    table scaled to `resolution`, sides rounded to a multiple of the autoencoder's compression."""
+    from .pipeline import aspect_ratio_bins
+    if resolution in (512, 1024, 2048, 4096):
+        return aspect_ratio_bins(resolution)
+    scaled = {}
+    for ratio, (h, w) in aspect_ratio_bins(1024).items():
+        size = tuple(max(multiple, round(v * resolution / 1024 / multiple) * multiple) for v in (h, w))
+        scaled.setdefault(size, ratio)                       # small resolutions merge neighbouring ratios
+    return {ratio: size for size, ratio in scaled.items()}
+
+
 class DiTTask:
     Options = DiTOptions
 
@@ -112,14 +125,14 @@ class DiTTask:
     @torch.no_grad()
     def _build_cache(self, reader, cache: Path, key: str) -> None:
         from .hub import load_dcae
-        from .pipeline import aspect_ratio_bins, resize_and_crop
+        from .pipeline import resize_and_crop
         from .text import CHI_DIFFUSERS, TextConfig, TextEncoder
         o, device = self.opt, self.env.device
         vae = load_dcae(o.vae).to(device)
         text = TextEncoder.from_pretrained(Path(o.text_encoder) / "text_encoder", Path(o.text_encoder) / "tokenizer",
                                            device=device, config=TextConfig(max_length=o.text_max_length,
                                                                             chi=CHI_DIFFUSERS if o.chi else None))
-        bins = aspect_ratio_bins(o.resolution) if o.buckets else {"1.0": (o.resolution, o.resolution)}
+        bins = bucket_sizes(o.resolution, vae.cfg.compression) if o.buckets else {"1.0": (o.resolution, o.resolution)}
         ratios = torch.tensor([float(r) for r in bins])
         groups: dict[tuple[int, int], list[tuple[Tensor, list]]] = {}
         for s in reader:

@@ -308,3 +308,30 @@ def test_export_assembles_the_pipeline_a_dit_run_trained_for(frozen, tmp_path):
     assert torch.allclose(image, pipeline_from_run(tmp_path / "run").generate(req), atol=1e-5)
     bad = CliRunner().invoke(main, ["export", str(frozen["vae"]), "--out", str(tmp_path / "x")])
     assert bad.exit_code == 1 and "config.json" in bad.output
+
+
+def test_aspect_ratio_buckets_keep_each_batch_one_shape(frozen, tmp_path):
+    """Images of three aspect ratios (a user's image folder with .txt captions) land in three buckets; every batch
+    is drawn from one bucket, with latents of that bucket's shape; training runs on them."""
+    from PIL import Image
+    from sanaflow.train_dit import bucket_sizes
+    folder = tmp_path / "images"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    for i, (h, w) in enumerate([(32, 64), (64, 32), (32, 32)] * 4):
+        Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8)).save(folder / f"{i}.png")
+        (folder / f"{i}.txt").write_text(f"a picture {i}\nanother caption")
+    cfg = config(frozen, data=str(folder), batch_size=2, steps=3, options={"resolution": 32, "buckets": True})
+    task = DiTTask(cfg, tmp_path / "run", DistEnv())
+    info = task.prepare()
+    sizes = bucket_sizes(32, 2)
+    expected = {f"{h}x{w}" for h, w in (sizes["0.5"], sizes["2.0"], sizes["1.0"])}
+    assert set(info["buckets"]) == expected and all(n == 4 for n in info["buckets"].values())
+    shapes_seen = set()
+    for step in range(task.order.per_epoch):
+        (h, w), idx = task.order(step)
+        b = task.batch(step, step_generator(0, step))
+        assert b["x0"].shape == (2, 4, h, w) and (task.data["image_shape"][idx] == torch.tensor([h, w])).all()
+        shapes_seen.add((h, w))
+    assert len(shapes_seen) == 3
+    train(cfg, tmp_path / "run", progress=False)

@@ -188,7 +188,8 @@ def train(preset: str | None, config_file: Path | None, out: Path | None, data: 
     except (tr.DataError, tr.TrainingError, FileNotFoundError) as e:
         raise click.ClickException(str(e)) from e
     if summary.get("rank", 0) == 0:
-        click.echo(f"trained {cfg.task} to step {summary['step']} (loss {summary['loss']:.4g}); model in {out / 'model'}")
+        last = "nothing left to train" if summary["loss"] != summary["loss"] else f"last loss {summary['loss']:.4g}"
+        click.echo(f"trained {cfg.task} to step {summary['step']} ({last}); model in {out / 'model'}")
 
 
 

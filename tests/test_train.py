@@ -23,16 +23,9 @@ from sanaflow.train import (BatchOrder, DataError, DistEnv, TrainConfig, Trainin
 from sanaflow.train_dit import DiTTask
 from tests.tiny_text import make_gemma, make_tokenizer
 
+ONE_THREAD = True                           # tests/conftest.py: tiny models, one torch thread
+
 ROOT = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # Tiny models: a second thread only adds synchronisation, which on a busy 2-core machine costs 10-40x.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

@@ -18,17 +18,9 @@ from sanaflow.hub import load_dcae
 from sanaflow.train import DataError, DistEnv, TrainConfig, train
 from sanaflow.train_dcae import DCAETask, psnr, square_crop
 
+ONE_THREAD = True                           # tests/conftest.py: tiny models, one torch thread
+
 N, SIZE, N_EVAL = 24, 32, 4                 # 24 shapes images of 32 px; the last 4 are held out
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    # The tiny AE's convs have 8 channels: a second thread only adds synchronisation, which on a busy machine made
-    # a step 10-100x slower (measured: 0.4-3 s instead of 25 ms).
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

@@ -19,6 +19,8 @@ from sanaflow.text import CHI_DIFFUSERS, TextConfig, TextEncoder
 from sanaflow.train import DataError, DistEnv, TrainConfig, train
 from sanaflow.train_text import TextTask, next_token_nll, padded
 
+ONE_THREAD = True                           # tests/conftest.py: tiny models, one torch thread
+
 STEPS = 100
 
 
@@ -26,16 +28,6 @@ def text_config(data_dir, **changes) -> TrainConfig:
     fields = {"task": "text", "data": str(data_dir), "model": "tiny", "options": {}, "steps": STEPS,
               "batch_size": 16, "lr": 3e-3, "grad_clip": 1.0, "log_every": 1}
     return TrainConfig(**{**fields, **changes})
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # Hidden size 64: a second thread only adds synchronisation, which on a busy 2-core machine made the training
-    # fixture take 84 s instead of 9 s (measured). Module scope: autouse runs before the `trained` fixture.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

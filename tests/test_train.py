@@ -328,3 +328,26 @@ def test_aspect_ratio_buckets_keep_each_batch_one_shape(frozen, tmp_path):
         shapes_seen.add((h, w))
     assert len(shapes_seen) == 3
     train(cfg, tmp_path / "run", progress=False)
+
+
+def test_trimming_text_padding_does_not_change_the_dit_output(frozen, tmp_path):
+    """Batches carry only the text columns some caption uses; the DiT's output equals that on the full padded cache."""
+    task = DiTTask(config(frozen, options={"text_max_length": 300}), tmp_path, DistEnv())
+    task.prepare()
+    torch.manual_seed(0)
+    model = task.build_model()
+    trimmed = 0
+    for step in range(3):
+        b = task.batch(step, step_generator(0, step))
+        full = task.data["text"].shape[1]
+        assert b["text"].shape[1] == int(b["mask"].sum(1).max()) <= full
+        pad = full - b["text"].shape[1]
+        text = torch.nn.functional.pad(b["text"], (0, 0, 0, pad))
+        mask = torch.nn.functional.pad(b["mask"], (0, pad))
+        t = b["t"] * 1000
+        x = b["x0"]
+        trimmed += pad > 0
+        with torch.no_grad():
+            # Padding gets exactly zero attention weight; only the matmuls' summation order differs.
+            torch.testing.assert_close(model(x, t, b["text"], b["mask"]), model(x, t, text, mask), atol=1e-6, rtol=1e-5)
+    assert trimmed

@@ -44,6 +44,7 @@ import numpy as np
 
 from sanaflow import data, shapes
 from sanaflow import geneval as g
+from sanaflow.files import atomic_write
 
 DISTORTIONS = ("blur", "noise", "jpeg")
 
@@ -352,12 +353,7 @@ def main() -> None:
     emit([title, ""] + caption_consistency(args.captions, args.sizes, args) + [""])
     emit([f"total time {time.perf_counter() - start:.0f} s; 1-minute load average at end {os.getloadavg()[0]:.1f}"])
     if args.out is not None:
-        tmp = args.out.with_name(args.out.name + ".tmp")
-        try:
-            tmp.write_text("\n".join(lines) + "\n")
-            os.replace(tmp, args.out)                               # atomic: never a half-written table
-        finally:
-            tmp.unlink(missing_ok=True)
+        atomic_write(args.out, lambda p: p.write_text("\n".join(lines) + "\n"))   # never a half-written table
         print(f"wrote {args.out}")
 
 

@@ -19,10 +19,11 @@ import os
 import shutil
 from pathlib import Path
 
-import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import Tensor
+
+from .files import write_json_atomic
 
 FILES = ("model.safetensors", "optimizer.safetensors", "state.json")
 
@@ -43,14 +44,6 @@ def _write(path: Path, write) -> None:
     write(path)
     with open(path, "rb") as f:
         os.fsync(f.fileno())
-
-
-def write_json_atomic(path: Path, obj) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(obj, indent=1))
-    with open(tmp, "rb") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def optimizer_to_safetensors(sd: dict) -> tuple[dict[str, Tensor], dict]:

@@ -37,7 +37,6 @@ def generate(prompt: str, out: Path, model: Path | None, steps: int, guidance: f
              width: int | None, sampler: str, num_images: int, negative_prompt: str, resolution_binning: bool,
              dry_run: bool) -> None:
     """Generate an image from PROMPT and write it as a PNG (parameters go into its text metadata)."""
-    import torch
     from tqdm import tqdm
     from .pipeline import GenerateRequest, Pipeline, load_default, save_png
 
@@ -116,7 +115,6 @@ def evaluate(model: Path | None, prompts_file: Path | None, split: str, per_cate
              steps: int, guidance: float, sampler: str, seed: int, out: Path) -> None:
     """GenEval-style evaluation with the offline shapes detector: report.json, report.md and grid.png in OUT."""
     import numpy as np
-    import torch
     from .geneval import evaluate_pipeline, load_prompts, prompt_set, write_report
     from .pipeline import GenerateRequest, Pipeline, load_default
 

@@ -30,6 +30,8 @@ import numpy as np
 from PIL import Image, ImageOps
 from tqdm import tqdm
 
+from .files import write_bytes_atomic
+
 log = logging.getLogger(__name__)
 
 ImageLike = np.ndarray | Image.Image
@@ -175,16 +177,6 @@ def _finish_shard(tf: tarfile.TarFile, tmp: Path, path: Path) -> Path:
     return path
 
 
-def _write_atomic(path: Path, data: bytes) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    try:
-        tmp.write_bytes(data)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
 def write_folder(samples: Iterable[tuple[ImageLike, dict]], out_dir: PathLike, progress: bool = False,
                  total: int | None = None) -> int:
     """Write (image, meta) pairs as out_dir/{key}.png + {key}.json; returns the number written.
@@ -196,8 +188,8 @@ def write_folder(samples: Iterable[tuple[ImageLike, dict]], out_dir: PathLike, p
     out_dir.mkdir(parents=True, exist_ok=True)
     n = 0
     for key, png, js in _samples(samples, progress, f"write_folder {out_dir}", total):
-        _write_atomic(out_dir / f"{key}.png", png)
-        _write_atomic(out_dir / f"{key}.json", js)
+        write_bytes_atomic(out_dir / f"{key}.png", png)
+        write_bytes_atomic(out_dir / f"{key}.json", js)
         n += 1
     return n
 

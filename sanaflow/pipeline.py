@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import re
 from pathlib import Path
 from typing import Callable, Sequence
@@ -18,6 +17,7 @@ from torch import Tensor
 
 from .dcae import DCAE, DCAE_PRESETS
 from .dit import DIT_PRESETS, DiT
+from .files import atomic_write
 from .flow import network_time
 from .samplers import Callback, ModelFn, dpm_solver_2m, euler, flow_times, flow_times_euler, invert
 from .text import TextConfig, TextEncoder
@@ -319,9 +319,7 @@ def save_png(image: Tensor, path: str | Path, metadata: dict | None = None) -> N
     info = PngImagePlugin.PngInfo()
     for k, v in (metadata or {}).items():
         info.add_text(str(k), v if isinstance(v, str) else json.dumps(v))
-    tmp = path.with_name(f".{path.name}.tmp")
-    Image.fromarray(array).save(tmp, format="PNG", pnginfo=info)
-    os.replace(tmp, path)
+    atomic_write(path, lambda p: Image.fromarray(array).save(p, format="PNG", pnginfo=info))
 
 
 # ----------------------------------------------------------------------------------------------------------------

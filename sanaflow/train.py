@@ -33,6 +33,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from . import checkpoint
+from .files import atomic_write, write_json_atomic
 
 
 class DataError(ValueError):
@@ -392,9 +393,7 @@ def _truncate_log(path: Path, step: int) -> None:
         return
     keep = [line for line in path.read_text().splitlines()
             if line.strip() and json.loads(line).get("step", 0) <= step]
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text("".join(line + "\n" for line in keep))
-    os.replace(tmp, path)
+    atomic_write(path, lambda p: p.write_text("".join(line + "\n" for line in keep)))
 
 
 def _comparable(d: dict) -> dict:
@@ -440,7 +439,7 @@ def train(cfg: TrainConfig, run: str | Path, env: DistEnv | None = None, progres
             ema.load_state_dict(ema_weights)
         start = state["step"]
     if env.main:
-        checkpoint.write_json_atomic(run / "config.json", cfg.to_dict())
+        write_json_atomic(run / "config.json", cfg.to_dict())
         _truncate_log(log_path, start)
         _log(log_path, {"event": "resume" if start else "start", "step": start, "world": env.world,
                         "device": str(env.device), **data_info})

@@ -19,7 +19,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,7 +29,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import Tensor, nn
 
-from . import checkpoint
+from .files import atomic_write, write_json_atomic
 from .dcae import DCAE, DCAE_PRESETS, DCAEConfig
 from .hub import save_dcae
 from .train import BatchOrder, DataError, DistEnv, TrainConfig, cache_metadata, fingerprint, open_dataset
@@ -143,11 +142,9 @@ class DCAETask:
         images = [square_crop(s.image, size) for s in reader]
         stacked = np.stack(images) if images else np.zeros((0, 3, size, size), np.uint8)
         cache.parent.mkdir(parents=True, exist_ok=True)
-        tmp = cache.with_name(f".{cache.name}.tmp")
         # One file holds the pixels and the key they were made for, so the two are replaced together.
-        save_file({"images": torch.from_numpy(stacked)}, tmp,
-                  metadata={"key": key, "skipped": json.dumps(dict(reader.skipped))})
-        os.replace(tmp, cache)
+        atomic_write(cache, lambda p: save_file({"images": torch.from_numpy(stacked)}, p,
+                                                metadata={"key": key, "skipped": json.dumps(dict(reader.skipped))}))
 
     # ------------------------------------------------------------------------------------------------ steps
 
@@ -191,4 +188,4 @@ class DCAETask:
             "eval": {"samples": len(held_out),
                      "psnr_db": torch.cat(scores).mean().item() if scores else None},   # mean of per-image PSNR
         }
-        checkpoint.write_json_atomic(self.run / "ae_metrics.json", metrics)
+        write_json_atomic(self.run / "ae_metrics.json", metrics)

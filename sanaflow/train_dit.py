@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,6 +21,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from .dit import DIT_PRESETS, DiT, DiTConfig
+from .files import atomic_write
 from .flow import flow_path, network_time, shift_time, velocity_target
 from .train import (BatchOrder, DataError, DistEnv, TrainConfig, cache_metadata, caption_weights, fingerprint,
                     open_dataset)
@@ -181,10 +181,8 @@ class DiTTask:
                 "buckets": {f"{h}x{w}": len(v) for (h, w), v in sorted(groups.items())},
                 "skipped": dict(reader.skipped)}
         cache.parent.mkdir(parents=True, exist_ok=True)
-        tmp = cache.with_name(f".{cache.name}.tmp")
         # The key lives in the file's own metadata, so data and key are always replaced together.
-        save_file(data, tmp, metadata={"key": key, "info": json.dumps(info)})
-        os.replace(tmp, cache)
+        atomic_write(cache, lambda p: save_file(data, p, metadata={"key": key, "info": json.dumps(info)}))
 
     # ------------------------------------------------------------------------------------------------ steps
 

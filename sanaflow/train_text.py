@@ -18,7 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from . import checkpoint, data
+from . import data
+from .files import write_json_atomic
 from .hub import write_folder_atomic
 from .text import TextConfig
 from .train import BatchOrder, DataError, DistEnv, TrainConfig, open_dataset
@@ -212,7 +213,7 @@ class TextTask:
     def export(self, model: nn.Module, folder: Path) -> None:
         model.eval()                          # frozen from here on (sana-spec §3.1); no dropout in the metric
         loss, tokens = self.heldout_loss(model)
-        checkpoint.write_json_atomic(self.run / "text_metrics.json", {
+        write_json_atomic(self.run / "text_metrics.json", {
             "steps": self.cfg.steps, "heldout_loss": loss, "heldout_perplexity": float(torch.tensor(loss).exp()),
             "heldout_captions": len(self.held_ids), "heldout_tokens": tokens, "vocab_size": len(self.tokenizer),
             "uniform_perplexity": len(self.tokenizer)})   # what a model that learned nothing would score

@@ -6,13 +6,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 from pathlib import Path
 
 import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+
+from sanaflow.files import atomic_write  # noqa: E402
 
 
 def read_log(run: Path) -> tuple[list[int], list[float]]:
@@ -48,9 +49,7 @@ def main() -> None:
         ax.set_ylabel("loss")
         ax.grid(alpha=0.3)
     fig.tight_layout()
-    tmp = args.out.with_name(f".{args.out.name}.tmp.png")
-    fig.savefig(tmp, dpi=110)
-    os.replace(tmp, args.out)                  # atomic: a reader never sees half a PNG
+    atomic_write(args.out, lambda p: fig.savefig(p, dpi=110, format="png"))   # a reader never sees half a PNG
     print(f"wrote {args.out}")
 
 

@@ -56,6 +56,23 @@ def sample_key(index: int) -> str:
 
 # ---------------------------------------------------------------------------------------------- encoding
 
+def cover_crop(image: np.ndarray, height: int, width: int) -> np.ndarray:
+    """(H, W, 3) uint8 -> (height, width, 3) uint8: scale so the image covers the target, then centre-crop. The one
+    resize of training data (the AE's pixels and the DiT's latents see the same images).
+
+    PIL's bicubic filter widens its kernel when shrinking, so large photos are low-passed rather than aliased
+    (a plain bilinear interpolate, as in pipeline.resize_and_crop, samples without filtering)."""
+    h, w = image.shape[:2]
+    if (h, w) == (height, width):
+        return image
+    scale = max(height / h, width / w)
+    rh, rw = max(height, round(h * scale)), max(width, round(w * scale))
+    top, left = (rh - height) // 2, (rw - width) // 2
+    im = Image.fromarray(image).resize((rw, rh), Image.Resampling.BICUBIC)
+    return np.asarray(im.crop((left, top, left + width, top + height)))
+
+
+
 def to_rgb(im: Image.Image) -> Image.Image:
     """Any PIL mode to RGB; transparent pixels become white rather than whatever colour they hide."""
     if im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info):

@@ -134,6 +134,23 @@ def load_config(path: str | Path) -> TrainConfig:
 
 TASK_NAMES = ("dit", "dcae", "text")
 
+
+def model_config(model, presets: dict, cls):
+    """TrainConfig.model for a model with a frozen-dataclass config `cls`: a preset name of `presets`, or a dict of
+    `cls` fields, optionally with "preset" naming the preset it changes."""
+    if isinstance(model, str):
+        if model not in presets:
+            raise ValueError(f"model={model!r}: not a {cls.__name__} preset; one of {sorted(presets)}")
+        return presets[model]
+    if not isinstance(model, dict):
+        raise TypeError(f"model={model!r}: expected a preset name or a dict of {cls.__name__} fields")
+    fields = dict(model)
+    base = model_config(fields.pop("preset"), presets, cls) if "preset" in fields else cls()
+    unknown = sorted(set(fields) - {f.name for f in dataclasses.fields(cls)})
+    if unknown:
+        raise ValueError(f"model: unknown {cls.__name__} fields {unknown}")
+    return dataclasses.replace(base, **fields)
+
 # Named training runs. The shapes-* trio is the bundled model's recipe (docs/training.md); data and the upstream
 # model folders are paths relative to the working directory, overridable on the command line.
 TRAIN_PRESETS: dict[str, dict] = {

@@ -24,15 +24,16 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import Tensor, nn
 
 from .files import atomic_write, write_json_atomic
+from .data import cover_crop
 from .dcae import DCAE, DCAE_PRESETS, DCAEConfig
 from .hub import save_dcae
-from .train import BatchOrder, DataError, DistEnv, TrainConfig, cache_metadata, fingerprint, open_dataset
+from .train import (BatchOrder, DataError, DistEnv, TrainConfig, cache_metadata, fingerprint, model_config,
+                    open_dataset)
 
 CACHE_VERSION = 1                        # bump when the cached pixels would change for the same key (e.g. resampling)
 
@@ -61,37 +62,6 @@ class DCAEOptions:
                              f"options.eval_samples={self.eval_samples} >= 0")
 
 
-def dcae_config(model) -> DCAEConfig:
-    """A preset name of DCAE_PRESETS, or a dict of DCAEConfig fields (with an optional "preset" to start from)."""
-    if isinstance(model, str):
-        if model not in DCAE_PRESETS:
-            raise ValueError(f"model={model!r}: not a DC-AE preset; one of {sorted(DCAE_PRESETS)}")
-        return DCAE_PRESETS[model]
-    if not isinstance(model, dict):
-        raise TypeError(f"model={model!r}: expected a DC-AE preset name or a dict of DCAEConfig fields")
-    fields = dict(model)
-    base = dcae_config(fields.pop("preset")) if "preset" in fields else DCAEConfig()
-    unknown = sorted(set(fields) - {f.name for f in dataclasses.fields(DCAEConfig)})
-    if unknown:
-        raise ValueError(f"model: unknown DCAEConfig fields {unknown}")
-    return dataclasses.replace(base, **fields)
-
-
-def square_crop(image: np.ndarray, size: int) -> np.ndarray:
-    """(H, W, 3) uint8 -> (3, size, size) uint8: scale the short side to `size`, then centre-crop.
-
-    PIL's bicubic filter widens its kernel when shrinking, so large photos are low-passed rather than aliased
-    (a plain bilinear interpolate, as in pipeline.resize_and_crop, samples without filtering)."""
-    h, w = image.shape[:2]
-    if (h, w) != (size, size):
-        scale = size / min(h, w)
-        rh, rw = max(size, round(h * scale)), max(size, round(w * scale))
-        top, left = (rh - size) // 2, (rw - size) // 2
-        im = Image.fromarray(image).resize((rw, rh), Image.Resampling.BICUBIC)
-        image = np.asarray(im.crop((left, top, left + size, top + size)))
-    return np.ascontiguousarray(image.transpose(2, 0, 1))
-
-
 def to_signed(images: Tensor) -> Tensor:
     return images.float() / 127.5 - 1                                       # uint8 -> [-1, 1] (§2.5)
 
@@ -108,7 +78,7 @@ class DCAETask:
 
     def __init__(self, cfg: TrainConfig, run: Path, env: DistEnv):
         self.cfg, self.opt, self.run, self.env = cfg, cfg.options, Path(run), env
-        self.model_cfg = dcae_config(cfg.model)
+        self.model_cfg = model_config(cfg.model, DCAE_PRESETS, DCAEConfig)
         f = self.model_cfg.compression
         if self.opt.resolution % f:
             raise ValueError(f"options.resolution={self.opt.resolution}: must be a multiple of the DC-AE's "
@@ -139,7 +109,7 @@ class DCAETask:
 
     def _build_cache(self, reader, cache: Path, key: str) -> None:
         size = self.opt.resolution
-        images = [square_crop(s.image, size) for s in reader]
+        images = [np.ascontiguousarray(cover_crop(s.image, size, size).transpose(2, 0, 1)) for s in reader]
         stacked = np.stack(images) if images else np.zeros((0, 3, size, size), np.uint8)
         cache.parent.mkdir(parents=True, exist_ok=True)
         # One file holds the pixels and the key they were made for, so the two are replaced together.

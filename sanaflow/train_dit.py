@@ -10,11 +10,11 @@ batch (all randomness from the step's generator, train.py):
 """
 from __future__ import annotations
 
-import dataclasses
 import json
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
@@ -24,7 +24,7 @@ from .dit import DIT_PRESETS, DiT, DiTConfig
 from .files import atomic_write
 from .flow import flow_path, network_time, shift_time, velocity_target
 from .train import (BatchOrder, DataError, DistEnv, TrainConfig, cache_metadata, caption_weights, fingerprint,
-                    open_dataset)
+                    model_config, open_dataset)
 
 
 @dataclass(frozen=True)
@@ -55,17 +55,6 @@ class DiTOptions:
             raise ValueError("options.flow_shift, caption_temperature and logit_std must be > 0")
 
 
-def dit_config(model) -> DiTConfig:
-    """A preset name of DIT_PRESETS, or a dict of DiTConfig fields (with an optional "preset" to start from)."""
-    if isinstance(model, str):
-        if model not in DIT_PRESETS:
-            raise ValueError(f"model={model!r}: not a DiT preset; one of {sorted(DIT_PRESETS)}")
-        return DIT_PRESETS[model]
-    fields = dict(model)
-    base = DIT_PRESETS[fields.pop("preset")] if "preset" in fields else DiTConfig()
-    return dataclasses.replace(base, **fields)
-
-
 def bucket_sizes(resolution: int, multiple: int) -> dict[str, tuple[int, int]]:
     """Aspect-ratio buckets {"h/w": (h, w)} (sana-spec §4.9): SANA's own tables at 512 ... 4096 px, else the 1024
     table scaled to `resolution`, sides rounded to a multiple of the autoencoder's compression."""
@@ -79,12 +68,21 @@ def bucket_sizes(resolution: int, multiple: int) -> dict[str, tuple[int, int]]:
     return {ratio: size for size, ratio in scaled.items()}
 
 
+def text_encoder(o: DiTOptions, device: str | torch.device = "cpu"):
+    """The frozen text encoder of options.text_encoder, with the text settings the DiT is trained on."""
+    from .text import CHI_DIFFUSERS, TextConfig, TextEncoder
+    folder = Path(o.text_encoder)
+    return TextEncoder.from_pretrained(folder / "text_encoder", folder / "tokenizer", device=device,
+                                       config=TextConfig(max_length=o.text_max_length,
+                                                         chi=CHI_DIFFUSERS if o.chi else None))
+
+
 class DiTTask:
     Options = DiTOptions
 
     def __init__(self, cfg: TrainConfig, run: Path, env: DistEnv):
         self.cfg, self.opt, self.run, self.env = cfg, cfg.options, Path(run), env
-        self.model_cfg = dit_config(cfg.model)
+        self.model_cfg = model_config(cfg.model, DIT_PRESETS, DiTConfig)
 
     # ------------------------------------------------------------------------------------------------- data
 
@@ -115,6 +113,7 @@ class DiTTask:
                              f"channels and the text encoder {self.data['text'].shape[-1]} features")
         # Captions are stored grouped by image: image i owns rows first_caption[i] .. first_caption[i + 1] - 1.
         self.first_caption = torch.searchsorted(self.data["caption_image"], torch.arange(len(lat) + 1)).tolist()
+        self.caption_keys = self._caption_keys()
         shapes = self.data["image_shape"]                                    # (N, 2) latent h, w
         buckets: dict[tuple[int, int], list[int]] = {}
         for i, (h, w) in enumerate(shapes.tolist()):
@@ -122,33 +121,53 @@ class DiTTask:
         self.order = BatchOrder({k: torch.tensor(v) for k, v in buckets.items()}, self.cfg.batch_size, self.cfg.seed)
         return info
 
+    def _caption_keys(self) -> Tensor:
+        """Caption choice (§4.8), computed once: row r of image i gets the key i + (cumulative weight of i's
+        captions up to r), so that searchsorted(keys, i + u, right=True) with u ~ U[0, 1) draws image i's caption
+        from its weights, for a whole batch at once. Images without scores draw uniformly. float64: i + u must
+        resolve u for a million images."""
+        o, scores, first = self.opt, self.data["caption_score"], self.first_caption
+        keys = torch.empty(len(scores), dtype=torch.float64)
+        for i in range(len(first) - 1):
+            s = scores[first[i]:first[i + 1]].double()
+            w = torch.ones_like(s) if s.isnan().any() else caption_weights(
+                s, o.caption_rule, o.caption_temperature, o.caption_threshold)
+            cdf = w.cumsum(0) / w.sum()
+            cdf[-1] = 1.0                                                    # no rounding gap at the top
+            keys[first[i]:first[i + 1]] = i + cdf
+        return keys
+
     @torch.no_grad()
     def _build_cache(self, reader, cache: Path, key: str) -> None:
+        from .data import CaptionError, captions_from_json, cover_crop
         from .hub import load_dcae
-        from .pipeline import resize_and_crop
-        from .text import CHI_DIFFUSERS, TextConfig, TextEncoder
         o, device = self.opt, self.env.device
         vae = load_dcae(o.vae).to(device)
-        text = TextEncoder.from_pretrained(Path(o.text_encoder) / "text_encoder", Path(o.text_encoder) / "tokenizer",
-                                           device=device, config=TextConfig(max_length=o.text_max_length,
-                                                                            chi=CHI_DIFFUSERS if o.chi else None))
+        text = text_encoder(o, device)
         bins = bucket_sizes(o.resolution, vae.cfg.compression) if o.buckets else {"1.0": (o.resolution, o.resolution)}
         ratios = torch.tensor([float(r) for r in bins])
-        groups: dict[tuple[int, int], list[tuple[Tensor, list]]] = {}
+        groups: dict[tuple[int, int], list[tuple[np.ndarray, list]]] = {}
+        uncaptioned = 0
         for s in reader:
             h, w = s.image.shape[:2]
             size = bins[list(bins)[int((ratios - h / w).abs().argmin())]]   # the bucket of the closest ratio
-            caps = sorted(s.meta.get("captions", []), key=lambda c: -(c.get("score") or 0))
-            caps = [c for c in caps if c.get("text")][: o.captions_per_image or None]
+            try:                                 # any caption layout the readers accept (data.captions_from_json)
+                caps = [c for c in captions_from_json(s.meta) if c["text"]]
+            except CaptionError:
+                caps = []
+            caps = sorted(caps, key=lambda c: -(c["score"] or 0))[: o.captions_per_image or None]
             if caps:
-                groups.setdefault(size, []).append((torch.from_numpy(s.image).permute(2, 0, 1), caps))
+                groups.setdefault(size, []).append((cover_crop(s.image, *size), caps))
+            else:
+                uncaptioned += 1
+        skipped = {**reader.skipped, **({"no_caption": uncaptioned} if uncaptioned else {})}
         if not groups:
-            raise DataError(f"data={self.cfg.data!r}: no usable samples (skipped: {dict(reader.skipped)})")
+            raise DataError(f"data={self.cfg.data!r}: no usable samples (skipped: {skipped})")
         latents, shapes, cap_image, cap_score, cap_text = [], [], [], [], []
         for (hh, ww), items in sorted(groups.items()):
             for i in range(0, len(items), o.encode_batch):
                 chunk = items[i:i + o.encode_batch]
-                images = torch.stack([resize_and_crop(im[None].float() / 127.5 - 1, hh, ww)[0] for im, _ in chunk])
+                images = torch.from_numpy(np.stack([im for im, _ in chunk])).permute(0, 3, 1, 2).float() / 127.5 - 1
                 z = vae.encode(images.to(device)).float().cpu()               # (b, C, hh/f, ww/f)
                 for zi, (_, caps) in zip(z, chunk):
                     n = len(latents)
@@ -156,8 +175,7 @@ class DiTTask:
                     shapes.append(zi.shape[1:])
                     for c in caps:
                         cap_image.append(n)
-                        score = c.get("score")
-                        cap_score.append(float("nan") if score is None else float(score))
+                        cap_score.append(float("nan") if c["score"] is None else float(c["score"]))
                         cap_text.append(c["text"])
         embeds, masks = [], []
         for i in range(0, len(cap_text), o.encode_batch):
@@ -174,12 +192,12 @@ class DiTTask:
             "image_shape": torch.tensor([list(s) for s in shapes]),
             "text": torch.cat(embeds)[:, :length].half().contiguous(),       # fp16 halves the cache; features are O(1-100)
             "text_mask": mask[:, :length].contiguous(),
-            "null_text": null[:, :length].float().half().contiguous(), "null_mask": null_mask[:, :length].contiguous(),
+            "null_text": null[:, :length].half().contiguous(), "null_mask": null_mask[:, :length].contiguous(),
             "caption_image": torch.tensor(cap_image), "caption_score": torch.tensor(cap_score),
         }
         info = {"samples": len(latents), "captions": len(cap_text), "text_tokens": length,
                 "buckets": {f"{h}x{w}": len(v) for (h, w), v in sorted(groups.items())},
-                "skipped": dict(reader.skipped)}
+                "skipped": skipped}
         cache.parent.mkdir(parents=True, exist_ok=True)
         # The key lives in the file's own metadata, so data and key are always replaced together.
         atomic_write(cache, lambda p: save_file(data, p, metadata={"key": key, "info": json.dumps(info)}))
@@ -195,15 +213,8 @@ class DiTTask:
         o, d = self.opt, self.data
         (h, w), idx = self.order(step)
         b = len(idx)
-        # One caption per image, by score (§4.8); images without scores draw uniformly.
-        chosen = []
-        for i in idx.tolist():
-            rows = torch.arange(self.first_caption[i], self.first_caption[i + 1])
-            scores = d["caption_score"][rows]
-            weights = torch.ones_like(scores) if scores.isnan().any() else caption_weights(
-                scores, o.caption_rule, o.caption_temperature, o.caption_threshold)
-            chosen.append(rows[torch.multinomial(weights, 1, generator=g)])
-        chosen = torch.cat(chosen)
+        u = torch.rand(b, generator=g, dtype=torch.float64)                 # one caption per image, by score
+        chosen = torch.searchsorted(self.caption_keys, idx.double() + u, right=True)
         u = torch.sigmoid(o.logit_mean + o.logit_std * torch.randn(b, generator=g))    # logit-normal (§4.2)
         if o.discrete_time:
             u = (u * 1000).floor().clamp(max=999) / 1000                    # SANA's linspace(0, 0.999, 1000) grid
@@ -244,7 +255,6 @@ def pipeline_from_run(run: str | Path):
     and text encoder it was trained on, and the text settings and flow shift it used (run/config.json)."""
     from .hub import load_dcae, load_dit
     from .pipeline import Pipeline
-    from .text import CHI_DIFFUSERS, TextConfig, TextEncoder
     from .train import load_config
     run = Path(run)
     cfg = load_config(run / "config.json")
@@ -253,7 +263,5 @@ def pipeline_from_run(run: str | Path):
     o = cfg.options
     if not (run / "model").is_dir():
         raise FileNotFoundError(f"{run / 'model'}: no exported DiT yet (the run exports it when it finishes)")
-    text = TextEncoder.from_pretrained(Path(o.text_encoder) / "text_encoder", Path(o.text_encoder) / "tokenizer",
-                                       config=TextConfig(max_length=o.text_max_length,
-                                                         chi=CHI_DIFFUSERS if o.chi else None))
-    return Pipeline(load_dit(run / "model"), load_dcae(o.vae), text, flow_shift=o.flow_shift, name=str(run))
+    return Pipeline(load_dit(run / "model"), load_dcae(o.vae), text_encoder(o), flow_shift=o.flow_shift,
+                    name=str(run))

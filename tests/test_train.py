@@ -351,3 +351,18 @@ def test_trimming_text_padding_does_not_change_the_dit_output(frozen, tmp_path):
             # Padding gets exactly zero attention weight; only the matmuls' summation order differs.
             torch.testing.assert_close(model(x, t, b["text"], b["mask"]), model(x, t, text, mask), atol=1e-6, rtol=1e-5)
     assert trimmed
+
+
+def test_zero_weight_captions_are_never_drawn(frozen, tmp_path):
+    """rule "best": every other caption of an image has weight 0 and must never be chosen."""
+    task = DiTTask(config(frozen, batch_size=8, options={"caption_rule": "best", "caption_dropout": 0.0}),
+                   tmp_path, DistEnv())
+    task.prepare()
+    text, scores = task.data["text"].float(), task.data["caption_score"]
+    for step in range(20):
+        _, idx = task.order(step)
+        b = task.batch(step, step_generator(0, step))
+        for j, i in enumerate(idx.tolist()):
+            rows = torch.arange(task.first_caption[i], task.first_caption[i + 1])
+            match = rows[((text[rows][:, :b["text"].shape[1]] - b["text"][j]).abs().flatten(1).sum(1) == 0)]
+            assert len(match) >= 1 and scores[match].max() == scores[rows].max()

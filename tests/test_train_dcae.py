@@ -12,11 +12,11 @@ import pytest
 import torch
 
 from sanaflow import shapes, train_dcae
-from sanaflow.data import write_wds
+from sanaflow.data import cover_crop, write_wds
 from sanaflow.dcae import DCAE, DCAE_PRESETS
 from sanaflow.hub import load_dcae
 from sanaflow.train import DataError, DistEnv, TrainConfig, train
-from sanaflow.train_dcae import DCAETask, psnr, square_crop
+from sanaflow.train_dcae import DCAETask, psnr
 
 ONE_THREAD = True                           # tests/conftest.py: tiny models, one torch thread
 
@@ -91,7 +91,7 @@ def test_cache_is_reused_and_rebuilt_when_the_data_or_resolution_change(data, tm
     def no_decoding(*args):
         raise AssertionError("decoded the data again")
     with monkeypatch.context() as m:                          # a resumed run reads the cache, decodes nothing
-        m.setattr(train_dcae, "square_crop", no_decoding)
+        m.setattr(train_dcae, "cover_crop", no_decoding)
         again = DCAETask(config(data), tmp_path, DistEnv())
         assert again.prepare()["cache"] == "reused"
     assert torch.equal(again.images, first.images)
@@ -165,14 +165,14 @@ def test_bad_settings_name_the_field(data, tmp_path):
         config(data, options={"l1": 0.0, "l2": 0.0})
 
 
-def test_psnr_and_square_crop_closed_forms():
+def test_psnr_and_cover_crop_closed_forms():
     x = torch.zeros(2, 3, 8, 8)
     assert psnr(x + 0.2, x).tolist() == pytest.approx([20.0, 20.0], abs=1e-4)   # 0.1 on [0, 1]: MSE 1e-2
     assert psnr(x + 5, x + 1).tolist() == pytest.approx([100.0, 100.0])        # clamped to 1: identical
     stripes = np.zeros((40, 120, 3), np.uint8)                 # red | green | blue thirds, 40 px each
     for i in range(3):
         stripes[:, 40 * i:40 * (i + 1), i] = 255
-    out = square_crop(stripes, 32)                            # short side 40 -> 32, centre crop of the green third
+    out = cover_crop(stripes, 32, 32).transpose(2, 0, 1)     # short side 40 -> 32, centre crop of the green third
     assert out.shape == (3, 32, 32) and out.dtype == np.uint8
     assert (out[1, :, 4:28] == 255).all() and (out[[0, 2], :, 4:28] == 0).all()
 

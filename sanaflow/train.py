@@ -441,6 +441,8 @@ def train(cfg: TrainConfig, run: str | Path, env: DistEnv | None = None, progres
     if cfg.ema_decay > 0 and cfg.parallel == "fsdp" and env.world > 1:
         raise ValueError("ema_decay > 0 with parallel='fsdp' is not supported: the EMA copy would be unsharded")
     ema = copy.deepcopy(model).requires_grad_(False) if cfg.ema_decay > 0 else None
+    if ema is not None:
+        ema_params, model_params = list(ema.parameters()), list(model.parameters())
     wrapped = _wrap(model, cfg, env)
     optimizer = torch.optim.AdamW(wrapped.parameters(), lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
     start, log_path = 0, run / "log.jsonl"
@@ -488,9 +490,8 @@ def train(cfg: TrainConfig, run: str | Path, env: DistEnv | None = None, progres
         scaler.update()
         optimizer.zero_grad(set_to_none=True)
         if ema is not None:
-            with torch.no_grad():
-                for e, p in zip(ema.parameters(), model.parameters()):
-                    e.lerp_(p.detach(), 1 - cfg.ema_decay)
+            with torch.no_grad():                       # one fused update of all EMA tensors, not a Python loop
+                torch._foreach_lerp_(ema_params, model_params, 1 - cfg.ema_decay)
         seen += cfg.batch_size
         done = step + 1
         if env.main and (done % cfg.log_every == 0 or done == cfg.steps):

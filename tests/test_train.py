@@ -366,3 +366,15 @@ def test_zero_weight_captions_are_never_drawn(frozen, tmp_path):
             rows = torch.arange(task.first_caption[i], task.first_caption[i + 1])
             match = rows[((text[rows][:, :b["text"].shape[1]] - b["text"][j]).abs().flatten(1).sum(1) == 0)]
             assert len(match) >= 1 and scores[match].max() == scores[rows].max()
+
+
+def test_ema_after_one_step_is_the_decayed_average(frozen, tmp_path):
+    from sanaflow.train_dit import DiTTask as Task
+    cfg = config(frozen, steps=1, ema_decay=0.9)
+    train(cfg, tmp_path / "run", progress=False)
+    task = Task(cfg, tmp_path / "x", DistEnv())
+    torch.manual_seed(cfg.seed)
+    init = task.build_model().state_dict()                     # the loop's initial weights: same seed, same init
+    weights, ema = final_weights(tmp_path / "run"), final_weights(tmp_path / "run", "ema.safetensors")
+    worst = max((ema[k] - (0.9 * init[k] + 0.1 * weights[k])).abs().max().item() for k in ema)
+    assert worst < 1e-6 and any(not torch.equal(init[k], weights[k]) for k in init)

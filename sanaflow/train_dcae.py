@@ -47,6 +47,10 @@ class DCAEOptions:
     # nothing else bounds the latent's scale: without this, latents drifted to std ~2000 in 600 steps (measured
     # on shapes at 128 px), with per-channel means of +-1000, an ill-conditioned target for the DiT.
     latent_l2: float = 0.0
+    # Train on random crop x crop windows of the resolution x resolution images (0: whole images). The AE is
+    # convolutional, so it learns the images' scale from crops at a fraction of the cost and is evaluated on whole
+    # images. Offsets are multiples of the compression, so every crop keeps the latent grid of its full image.
+    crop: int = 0
     stats_samples: int = 512             # training images whose latents set the scaling factor
     eval_samples: int = 64               # images held out of training, for the PSNR in ae_metrics.json
 
@@ -57,6 +61,8 @@ class DCAEOptions:
             raise ValueError(f"options.l1={self.l1}, options.l2={self.l2}: must be >= 0, finite, not both 0")
         if not (self.latent_l2 >= 0 and math.isfinite(self.latent_l2)):
             raise ValueError(f"options.latent_l2={self.latent_l2}: must be >= 0 and finite")
+        if not 0 <= self.crop <= self.resolution:
+            raise ValueError(f"options.crop={self.crop}: must be in [0, options.resolution={self.resolution}]")
         if self.stats_samples < 1 or self.eval_samples < 0:
             raise ValueError(f"options.stats_samples={self.stats_samples} must be >= 1 and "
                              f"options.eval_samples={self.eval_samples} >= 0")
@@ -80,9 +86,10 @@ class DCAETask:
         self.cfg, self.opt, self.run, self.env = cfg, cfg.options, Path(run), env
         self.model_cfg = model_config(cfg.model, DCAE_PRESETS, DCAEConfig)
         f = self.model_cfg.compression
-        if self.opt.resolution % f:
-            raise ValueError(f"options.resolution={self.opt.resolution}: must be a multiple of the DC-AE's "
-                             f"compression {f}")
+        for name in ("resolution", "crop"):
+            if getattr(self.opt, name) % f:
+                raise ValueError(f"options.{name}={getattr(self.opt, name)}: must be a multiple of the DC-AE's "
+                                 f"compression {f}")
 
     # ------------------------------------------------------------------------------------------------- data
 
@@ -123,8 +130,16 @@ class DCAETask:
 
     def batch(self, step: int, g: torch.Generator) -> dict[str, Tensor]:
         _, idx = self.order(step)
-        x = self.images[self.env.local(idx)].to(self.env.device)          # (b, 3, r, r), moved as uint8
-        return {"images": to_signed(x)}
+        x = self.images[self.env.local(idx)]                              # (b, 3, r, r) uint8
+        c, f = self.opt.crop, self.model_cfg.compression
+        if c and c < x.shape[-1]:
+            # One offset per image, on the latent grid, drawn from the step's generator for every image of the
+            # global batch (so each rank's share is the same whatever the world size), then sliced locally.
+            n = len(idx)
+            top, left = (torch.randint(0, (x.shape[-1] - c) // f + 1, (2, n), generator=g) * f).tolist()
+            keep = self.env.local(torch.arange(n)).tolist()
+            x = torch.stack([im[:, top[i]:top[i] + c, left[i]:left[i] + c] for im, i in zip(x, keep)])
+        return {"images": to_signed(x.to(self.env.device))}                # (b, 3, c, c), moved as uint8
 
     def loss(self, model: nn.Module, batch: dict[str, Tensor]) -> Tensor:
         x = batch["images"]

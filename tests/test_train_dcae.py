@@ -120,6 +120,37 @@ def test_batches_never_hold_out_images_and_split_across_ranks(data, tmp_path):
     assert torch.equal(torch.cat(parts), whole)
 
 
+def test_crops_are_windows_of_the_cached_images_on_the_latent_grid(data, tmp_path):
+    task = DCAETask(config(data, options={"crop": 16}), tmp_path, DistEnv())     # tiny: 2x compression
+    task.prepare()
+    # Pixels that make every window unique (flat shapes backgrounds match anywhere).
+    task.images = torch.randint(0, 256, task.images.shape, dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    g = torch.Generator().manual_seed(3)
+    crops = task.batch(5, g)["images"]
+    _, idx = task.order(5)
+    assert crops.shape == (4, 3, 16, 16)
+    offsets = set()
+    for crop, i in zip(crops, idx):
+        full = task.images[i].float() / 127.5 - 1
+        # Exactly one window of the image is this crop, at even offsets (the latent grid).
+        hits = [(t, l) for t in range(0, SIZE - 15) for l in range(0, SIZE - 15)
+                if torch.equal(full[:, t:t + 16, l:l + 16], crop)]
+        assert len(hits) == 1 and hits[0][0] % 2 == 0 and hits[0][1] % 2 == 0
+        offsets.add(hits[0])
+    assert len(offsets) > 1                                   # offsets vary across the batch
+    # Same step and generator state: same crops; each of 2 ranks gets its half of them.
+    assert torch.equal(task.batch(5, torch.Generator().manual_seed(3))["images"], crops)
+    parts = []
+    for rank in range(2):
+        task.env = DistEnv(rank=rank, world=2)
+        parts.append(task.batch(5, torch.Generator().manual_seed(3))["images"])
+    assert torch.equal(torch.cat(parts), crops)
+    with pytest.raises(ValueError, match="options.crop=15"):
+        DCAETask(config(data, options={"crop": 15}), tmp_path, DistEnv())
+    with pytest.raises(ValueError, match="options.crop=64"):
+        config(data, options={"crop": 64})
+
+
 def test_missing_or_empty_data_is_an_error_before_any_work(tmp_path):
     (tmp_path / "empty").mkdir()
     for folder in (tmp_path / "missing", tmp_path / "empty"):

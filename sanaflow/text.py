@@ -173,20 +173,26 @@ class TextEncoder:
     # no_grad, not inference_mode: inference tensors cannot be saved for backward, and training feeds
     # these embeddings into the DiT's caption projection.
     @torch.no_grad()
-    def _hidden_states(self, texts: list[str], length: int) -> tuple[Tensor, Tensor]:
-        tokens = self.tokenizer(texts, padding="max_length", max_length=length, truncation=True,
+    def _hidden_states(self, texts: list[str], length: int, longest: bool = False) -> tuple[Tensor, Tensor]:
+        tokens = self.tokenizer(texts, padding="longest" if longest else "max_length", max_length=length, truncation=True,
                                 add_special_tokens=True, padding_side="right", return_tensors="pt")
         ids, mask = tokens.input_ids.to(self.device), tokens.attention_mask.to(self.device)  # (B, length)
         # Right padding under a causal model: pads never change the real tokens' states (sana-spec §3.5).
         hidden = self.model(ids, attention_mask=mask, use_cache=False)[0]     # (B, length, D)
         return hidden.to(self.dtype), mask.long()
 
-    def encode(self, prompts: str | Sequence[str]) -> tuple[Tensor, Tensor]:
-        """Prompt embeddings (CHI in context if configured): (B, N, D) in the model's dtype, (B, N) int64."""
+    def encode(self, prompts: str | Sequence[str], pad_to_longest: bool = False) -> tuple[Tensor, Tensor]:
+        """Prompt embeddings (CHI in context if configured): (B, N, D) in the model's dtype, (B, N) int64.
+
+        pad_to_longest (no CHI only): pad to the batch's longest prompt, n <= N tokens, instead of N. The real
+        tokens' states are the same either way (right padding under a causal model, sana-spec §3.5), and the
+        padding is masked downstream, so this only saves the work on padding (e.g. when caching embeddings)."""
         texts = self._preprocess(_as_prompt_list(prompts, "prompts"))
         N = self.config.max_length
         if self.chi_text is None:
-            return self._hidden_states(texts, N)                            # (B, N, D), (B, N)
+            return self._hidden_states(texts, N, longest=pad_to_longest)    # (B, N or n, D), (B, N or n)
+        if pad_to_longest:
+            raise ValueError("pad_to_longest: only without the complex human instruction (its window is N tokens)")
         # The CHI keeps its case; only the user prompt is preprocessed (diffusers-interop §4.1 item 3).
         L = self.chi_tokens + N - 2
         hidden, mask = self._hidden_states([self.chi_text + t for t in texts], L)   # (B, L, D), (B, L)

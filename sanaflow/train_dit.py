@@ -177,20 +177,26 @@ class DiTTask:
                         cap_image.append(n)
                         cap_score.append(float("nan") if c["score"] is None else float(c["score"]))
                         cap_text.append(c["text"])
-        embeds, masks = [], []
+        # Captions in order of length, each batch padded to its longest only (shapes captions: 13 of 64 tokens on
+        # average, so this is ~4x less work), then zero-padded to N with a 0 mask, which the DiT never attends to.
+        N = text.config.max_length
+        order = sorted(range(len(cap_text)), key=lambda k: len(cap_text[k])) if not o.chi else range(len(cap_text))
+        embeds, mask = None, torch.zeros(len(cap_text), N, dtype=torch.long)
         for i in range(0, len(cap_text), o.encode_batch):
-            e, m = text.encode(cap_text[i:i + o.encode_batch])
-            embeds.append(e.float().cpu())
-            masks.append(m.cpu())
+            rows = list(order[i:i + o.encode_batch])
+            e, m = text.encode([cap_text[k] for k in rows], pad_to_longest=not o.chi)     # (b, n, D), (b, n)
+            if embeds is None:
+                embeds = torch.zeros(len(cap_text), N, e.shape[-1])                      # (captions, N, D)
+            embeds[rows, :e.shape[1]] = e.float().cpu()
+            mask[rows, :m.shape[1]] = m.cpu()
         null, null_mask = text.encode_negative("", 1)
-        mask = torch.cat(masks)
         length = int(max(mask.sum(1).max(), null_mask.sum()))             # drop the all-padding tail columns
         same_shape = len({tuple(s) for s in shapes}) == 1
         data = {
             # Latents of different buckets have different shapes; they are stored padded to the largest.
             "latents": torch.stack(latents) if same_shape else _pad_stack(latents),
             "image_shape": torch.tensor([list(s) for s in shapes]),
-            "text": torch.cat(embeds)[:, :length].half().contiguous(),       # fp16 halves the cache; features are O(1-100)
+            "text": embeds[:, :length].half().contiguous(),       # fp16 halves the cache; features are O(1-100)
             "text_mask": mask[:, :length].contiguous(),
             "null_text": null[:, :length].half().contiguous(), "null_mask": null_mask[:, :length].contiguous(),
             "caption_image": torch.tensor(cap_image), "caption_score": torch.tensor(cap_score),

@@ -378,3 +378,25 @@ def test_ema_after_one_step_is_the_decayed_average(frozen, tmp_path):
     weights, ema = final_weights(tmp_path / "run"), final_weights(tmp_path / "run", "ema.safetensors")
     worst = max((ema[k] - (0.9 * init[k] + 0.1 * weights[k])).abs().max().item() for k in ema)
     assert worst < 1e-6 and any(not torch.equal(init[k], weights[k]) for k in init)
+
+
+def test_cached_caption_embeddings_equal_the_pipelines_encoding(frozen, tmp_path):
+    """The cache encodes captions in length order, padded to each batch's longest: the real tokens' embeddings and
+    the masks equal those of TextEncoder.encode at the full padded length, as the pipeline computes them."""
+    from sanaflow.data import captions_from_json
+    from sanaflow.train import open_dataset
+    from sanaflow.train_dit import text_encoder
+    cfg = config(frozen, options={"encode_batch": 5})
+    task = DiTTask(cfg, tmp_path, DistEnv())
+    task.prepare()
+    # The cache's caption order: image by image, each image's captions best first.
+    texts = [c["text"] for s in open_dataset(frozen["data"])
+             for c in sorted(captions_from_json(s.meta), key=lambda c: -(c["score"] or 0)) if c["text"]]
+    text, mask = text_encoder(cfg.options).encode(texts)                   # (n, N, D), (n, N)
+    n = task.data["text"].shape[1]
+    cached, cached_mask = task.data["text"].float(), task.data["text_mask"]
+    assert len(cached) == len(texts) and int(mask.sum(1).max()) <= n
+    assert torch.equal(cached_mask, mask[:, :n]) and mask[:, n:].sum() == 0
+    keep = cached_mask[..., None].bool()
+    torch.testing.assert_close(cached * keep, (text[:, :n] * keep).half().float(), atol=1e-3, rtol=1e-3)
+    assert len({int(m.sum()) for m in cached_mask}) > 1                   # captions of several lengths

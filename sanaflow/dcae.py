@@ -45,6 +45,9 @@ class DCAEConfig:
     qkv_multiscales: tuple[tuple[int, ...], ...] = ((), (), (), (5,), (5,), (5,))  # aggregation kernels, ViT only
     attention_head_dim: int = 32                            # d; heads = width / d
     scaling_factor: float = 0.41407                         # diffusion latent = Enc(x) * scaling_factor
+    # Latent cells replicated around z before decoding; the extra margin * compression px per side are cropped off
+    # (see `DCAE.decode`). 0 is diffusers' decode. Not a diffusers field: stored as "_sanaflow_decode_margin".
+    decode_margin: int = 0
 
     def __post_init__(self):
         # JSON round trips give lists; store tuples so the config stays hashable and compares equal.
@@ -62,6 +65,8 @@ class DCAEConfig:
         for name in ("in_channels", "latent_channels", "attention_head_dim"):
             if getattr(self, name) < 1:
                 raise ValueError(f"DCAEConfig: {name}={getattr(self, name)} must be >= 1")
+        if isinstance(self.decode_margin, bool) or not isinstance(self.decode_margin, int) or self.decode_margin < 0:
+            raise ValueError(f"DCAEConfig: decode_margin={self.decode_margin!r} must be an int >= 0")
         if not (math.isfinite(self.scaling_factor) and self.scaling_factor > 0):
             raise ValueError(f"DCAEConfig: scaling_factor={self.scaling_factor} must be a positive finite number")
         for name in ("widths", "encoder_depths", "decoder_depths"):
@@ -351,7 +356,16 @@ class DCAE(nn.Module):
         if z.ndim != 4 or z.shape[1] != self.cfg.latent_channels or z.shape[2] < 1 or z.shape[3] < 1:
             raise ValueError(f"decode: z has shape {tuple(z.shape)}; expected "
                              f"(B, {self.cfg.latent_channels}, h, w) with h, w >= 1")
-        return self.decoder(z / self.cfg.scaling_factor)                    # (B, 3, h f, w f)
+        m = self.cfg.decode_margin
+        if not m:
+            return self.decoder(z / self.cfg.scaling_factor)                # (B, 3, h f, w f)
+        # The decoder zero-pads every conv, so the image's outermost pixels are the ones it learns last: the small
+        # bundled AE, trained from scratch, still misses flat borders by ~10-25/255 in its outermost pixel while
+        # its interior is within ~1/255. Decoding a latent extended by m replicated cells per side and cropping
+        # the extra m f px puts those pixels in the interior (docs/bundled-model.md).
+        f = m * self.compression
+        x = self.decoder(F.pad(z / self.cfg.scaling_factor, (m, m, m, m), mode="replicate"))  # (B, 3, (h+2m) f, ...)
+        return x[..., f:-f, f:-f]                                           # (B, 3, h f, w f)
 
     def forward(self, x: Tensor, return_latent: bool = False) -> Tensor | tuple[Tensor, Tensor]:
         """Reconstruction for autoencoder training; the scaling factor cancels, so it is not applied. With

@@ -398,12 +398,16 @@ def _per_stage(name: str, value, n: int) -> tuple:
     return value
 
 
+DECODE_MARGIN_KEY = "_sanaflow_decode_margin"       # DCAEConfig.decode_margin in vae/config.json
+
+
 def dcae_config_from_diffusers(config_json: dict) -> DCAEConfig:
     """Translate a diffusers `vae/config.json` dict; ValueError naming the field for anything SANA does not use."""
     unknown = sorted(k for k in config_json if not k.startswith("_") and k not in _DIFFUSERS_DEFAULTS)
     if unknown:   # diffusers ignores unknown config keys too; the weights still have to fit exactly
         warnings.warn(f"dcae_config_from_diffusers: ignoring unknown fields {unknown}", stacklevel=2)
     c = {**_DIFFUSERS_DEFAULTS, **{k: v for k, v in config_json.items() if k in _DIFFUSERS_DEFAULTS}}
+    margin = config_json.get(DECODE_MARGIN_KEY, 0)
     widths = tuple(c["encoder_block_out_channels"])
     n = len(widths)
 
@@ -444,7 +448,7 @@ def dcae_config_from_diffusers(config_json: dict) -> DCAEConfig:
         in_channels=c["in_channels"], latent_channels=c["latent_channels"], widths=widths,
         encoder_depths=tuple(c["encoder_layers_per_block"]), decoder_depths=tuple(c["decoder_layers_per_block"]),
         vit_stages=kinds["encoder"][0], qkv_multiscales=kinds["encoder"][1],
-        attention_head_dim=c["attention_head_dim"], scaling_factor=float(c["scaling_factor"]))
+        attention_head_dim=c["attention_head_dim"], scaling_factor=float(c["scaling_factor"]), decode_margin=margin)
 
 
 def dcae_config_to_diffusers(cfg: DCAEConfig) -> dict:
@@ -455,6 +459,8 @@ def dcae_config_to_diffusers(cfg: DCAEConfig) -> dict:
         "in_channels": cfg.in_channels, "latent_channels": cfg.latent_channels,
         "attention_head_dim": cfg.attention_head_dim, "scaling_factor": cfg.scaling_factor,
         **_REQUIRED,   # SANA's block, shortcut, norm and activation choices: the only DC-AE sanaflow builds
+        # A private key (leading "_"): diffusers skips it and decodes without the margin.
+        **({DECODE_MARGIN_KEY: cfg.decode_margin} if cfg.decode_margin else {}),
     }
     for side, depths in (("encoder", cfg.encoder_depths), ("decoder", cfg.decoder_depths)):
         config[f"{side}_block_types"] = list(types)

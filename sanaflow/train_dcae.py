@@ -165,7 +165,8 @@ class DCAETask:
         save_dcae(out, folder)
 
         held_out = self.images[self.n_train:]
-        scores = [psnr(model(x), x) for x in (to_signed(b.to(device)) for b in held_out.split(bs))]
+        # Through encode/decode, as the pipeline uses the AE (decode_margin included).
+        scores = [psnr(model.decode(model.encode(x)), x) for x in (to_signed(b.to(device)) for b in held_out.split(bs))]
         metrics = {
             "scaling_factor": 1 / std,
             "latent": {"samples": len(z), "shape": list(z.shape[1:]), "mean": z.mean().item(), "std": std,

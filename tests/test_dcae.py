@@ -5,6 +5,7 @@ Reference configs are written here in diffusers' own vocabulary (vae/config.json
 """
 
 import dataclasses
+import json
 import re
 
 import pytest
@@ -375,3 +376,35 @@ def test_encode_and_decode_reject_bad_inputs():
         m.decode(torch.zeros(1, 3, 2, 2))
     with pytest.raises(ValueError, match="decode: z"):
         m.decode(torch.zeros(4, 2, 2))
+
+
+def test_decode_margin_decodes_a_replicated_border_and_crops_it(tmp_path):
+    """decode_margin=m: the decode of z equals the plain decode of z with m replicated cells on each side, cropped
+    by m * compression px; pixels far from the border (beyond the decoder's reach) equal the plain decode's; the
+    setting survives save/load as a private key that diffusers' AutoencoderDC skips."""
+    from sanaflow.hub import load_dcae, save_dcae
+    torch.manual_seed(0)
+    # ResBlocks only: a local decoder (an EfficientViT stage would let every pixel see the whole latent).
+    cfg = dataclasses.replace(DCAE_PRESETS["tiny"], vit_stages=(False, False), qkv_multiscales=((), ()),
+                              scaling_factor=0.5)
+    plain = DCAE(cfg).eval()
+    margin = DCAE(dataclasses.replace(cfg, decode_margin=2)).eval()
+    margin.load_state_dict(plain.state_dict())
+    z = torch.randn(2, 4, 16, 14)
+    with torch.no_grad():
+        ours = margin.decode(z)
+        z_wide = torch.cat([z[:, :, :1]] * 2 + [z] + [z[:, :, -1:]] * 2, dim=2)
+        z_wide = torch.cat([z_wide[..., :1]] * 2 + [z_wide] + [z_wide[..., -1:]] * 2, dim=3)  # (2, 4, 20, 18)
+        expected = plain.decode(z_wide)[..., 4:-4, 4:-4]                # tiny compresses 2x: crop 2 * 2 px
+        base = plain.decode(z)
+    assert ours.shape == base.shape == (2, 3, 32, 28)
+    torch.testing.assert_close(ours, expected)
+    assert not torch.allclose(ours[..., 0, :], base[..., 0, :])        # the border changes ...
+    torch.testing.assert_close(ours[..., 12:-12, 12:-12], base[..., 12:-12, 12:-12])   # ... the interior does not
+    save_dcae(margin, tmp_path / "vae")
+    config = json.loads((tmp_path / "vae" / "config.json").read_text())
+    assert config["_sanaflow_decode_margin"] == 2
+    assert load_dcae(tmp_path / "vae").cfg.decode_margin == 2
+    AutoencoderDC.from_pretrained(tmp_path / "vae")                      # diffusers still loads the folder
+    with pytest.raises(ValueError, match="decode_margin=-1"):
+        dataclasses.replace(cfg, decode_margin=-1)

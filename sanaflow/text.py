@@ -174,8 +174,8 @@ class TextEncoder:
     # these embeddings into the DiT's caption projection.
     @torch.no_grad()
     def _hidden_states(self, texts: list[str], length: int, longest: bool = False) -> tuple[Tensor, Tensor]:
-        tokens = self.tokenizer(texts, padding="longest" if longest else "max_length", max_length=length, truncation=True,
-                                add_special_tokens=True, padding_side="right", return_tensors="pt")
+        tokens = self.tokenizer(texts, padding="longest" if longest else "max_length", max_length=length,
+                                truncation=True, add_special_tokens=True, padding_side="right", return_tensors="pt")
         ids, mask = tokens.input_ids.to(self.device), tokens.attention_mask.to(self.device)  # (B, length)
         # Right padding under a causal model: pads never change the real tokens' states (sana-spec §3.5).
         hidden = self.model(ids, attention_mask=mask, use_cache=False)[0]     # (B, length, D)

@@ -217,7 +217,9 @@ class Block(nn.Module):
         self.cross_attn = CrossAttention(cfg)
         self.norm2 = nn.LayerNorm(cfg.width, elementwise_affine=False, eps=cfg.norm_eps)
         self.ffn = MixFFN(cfg)
-        self.scale_shift_table = nn.Parameter(torch.randn(6, cfg.width) / cfg.width**0.5)
+        # randn(6, D) / sqrt(D) as NVlabs, written as one factory call: on the meta device (hub loaders) an
+        # arithmetic op would import torch's Python meta kernels, ~2 s of every process start (generate_speed.py).
+        self.scale_shift_table = nn.Parameter(torch.normal(0.0, cfg.width**-0.5, (6, cfg.width)))
 
     def forward(self, x: Tensor, y: Tensor, bias: Tensor | None, t6: Tensor, hw: tuple[int, int]) -> Tensor:
         # AdaLN-single: one shared projection t6 (B, 6, D) plus this block's own learned table.
@@ -241,7 +243,7 @@ class DiT(nn.Module):
         self.y_norm = RMSNorm(D)
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.depth))
         self.final_norm = nn.LayerNorm(D, elementwise_affine=False, eps=1e-6)
-        self.final_table = nn.Parameter(torch.randn(2, D) / D**0.5)
+        self.final_table = nn.Parameter(torch.normal(0.0, D**-0.5, (2, D)))     # randn / sqrt(D), see Block
         self.final_linear = nn.Linear(D, p * p * cfg.out_channels)
         self.grad_checkpointing = False     # per-block activation checkpointing while training (sana-spec §4.11)
 

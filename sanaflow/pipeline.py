@@ -30,9 +30,24 @@ SAMPLERS: dict[str, tuple[Callable[..., Tensor], Callable[[int, float], Tensor],
 }
 
 
+def trim_padding(text: Tensor, mask: Tensor | None) -> tuple[Tensor, Tensor | None]:
+    """Drop the trailing text columns that every row masks out: (B, N, D), (B, N) -> (B, n, D), (B, n).
+
+    A masked key gets a -10000 logit bias, and exp(-10000) is exactly 0 in every float dtype, so such columns
+    never weigh in the cross-attention; dropping them changes only summation order and saves their key/value
+    projections in every block at every step (the bundled model's prompts use ~13 of 64 tokens). A row with no
+    real token at all attends uniformly to every column, so then nothing is dropped."""
+    if mask is None or not bool(mask.any(1).all()):
+        return text, mask
+    n = int(mask.any(0).nonzero().max()) + 1
+    # contiguous: on a strided view the projections' kernels (and last bits) would depend on the encoder's layout
+    return text[:, :n].contiguous(), mask[:, :n].contiguous()              # (B, n, D), (B, n)
+
+
 def dit_velocity(dit: DiT, text: Tensor, mask: Tensor | None, integer_t: bool) -> ModelFn:
     """The DiT as a model_fn over flow time t in [0, 1] (the network sees 1000 t, sana-spec §1.11)."""
     dtype = next(dit.parameters()).dtype
+    text, mask = trim_padding(text, mask)
 
     def model_fn(x: Tensor, t: Tensor) -> Tensor:
         timestep = network_time(t, integer_t) * dit.cfg.timestep_scale
@@ -190,6 +205,12 @@ def dpm_scheduler_config(flow_shift: float) -> dict:
     }
 
 
+def _library_class(part) -> list[str]:
+    """[library, class] of a text component for model_index.json. sanaflow.gemma's transformers-free Gemma-2 and
+    tokenizer give the transformers classes their saved folders are for (`hub_class`)."""
+    return list(getattr(part, "hub_class", (type(part).__module__.split(".")[0], type(part).__name__)))
+
+
 class Pipeline:
     def __init__(self, dit: DiT, vae: DCAE, text: TextEncoder, flow_shift: float = 3.0, name: str = ""):
         if dit.cfg.in_channels != vae.cfg.latent_channels:
@@ -249,8 +270,7 @@ class Pipeline:
             # [library, class] per component, what diffusers imports to load each folder.
             "transformer": ["diffusers", "SanaTransformer2DModel"], "vae": ["diffusers", "AutoencoderDC"],
             "scheduler": ["diffusers", "DPMSolverMultistepScheduler"],
-            "text_encoder": [type(model).__module__.split(".")[0], type(model).__name__],
-            "tokenizer": [type(tokenizer).__module__.split(".")[0], type(tokenizer).__name__],
+            "text_encoder": _library_class(model), "tokenizer": _library_class(tokenizer),
             TEXT_CONFIG_KEY: dataclasses.asdict(self.text.config),
         }
 

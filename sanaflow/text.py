@@ -1,4 +1,5 @@
 """Text encoder: Gemma-2 hidden states as SANA's caption embedding (arXiv 2410.10629 §2.3; sana-spec §3).
+Gemma-2 folders load through sanaflow.gemma (no transformers import); other decoder-only LMs through transformers.
 
     prompt -> lower().strip() -> CHI + prompt -> tokens (BOS, right padding, truncated to L = K + N - 2)
            -> decoder-only LM -> last hidden state (B, L, D) -> keep [BOS] + last N - 1 positions -> (B, N, D)
@@ -99,9 +100,10 @@ def _as_prompt_list(prompts: str | Sequence[str], name: str) -> list[str]:
 class TextEncoder:
     """A frozen decoder-only LM (Gemma-2 for SANA) and its tokenizer, turned into caption embeddings.
 
-    `model` is a transformers decoder whose output [0] is the last hidden state (e.g. `Gemma2Model`); a
-    causal LM (e.g. `Gemma2ForCausalLM`) is replaced by its decoder stack, as NVlabs/Sana does with
-    `get_decoder()` (sana-spec §3.1). The tokenizer must add BOS: position 0 is always kept (§3.4).
+    `model` is a decoder whose output [0] is the last hidden state (transformers' `Gemma2Model`, or
+    `sanaflow.gemma.Gemma2Decoder`, which computes the same without importing transformers); a causal LM (e.g.
+    `Gemma2ForCausalLM`) is replaced by its decoder stack, as NVlabs/Sana does with `get_decoder()` (sana-spec
+    §3.1). The tokenizer must add BOS: position 0 is always kept (§3.4).
     """
 
     def __init__(self, model: nn.Module, tokenizer, config: TextConfig = TextConfig()):
@@ -131,20 +133,19 @@ class TextEncoder:
         config: TextConfig = TextConfig(),
         variant: str | None = None,                  # weights named model.<variant>.safetensors, e.g. "bf16"
     ) -> TextEncoder:
-        """Load from local folders only (e.g. a diffusers pipeline's `text_encoder/` and `tokenizer/`)."""
-        from transformers import AutoModel, AutoTokenizer   # lazy: importing sanaflow.text stays light
+        """Load from local folders only (e.g. a diffusers pipeline's `text_encoder/` and `tokenizer/`).
 
+        Gemma-2 folders load without importing transformers (sanaflow.gemma: the same ops, ~3 s less start-up on
+        a 2-core machine); other models, and tokenizers sanaflow.gemma cannot read exactly, through transformers."""
         text_encoder_dir = Path(text_encoder_dir)
         tokenizer_dir = text_encoder_dir if tokenizer_dir is None else Path(tokenizer_dir)
         for name, folder in (("text_encoder_dir", text_encoder_dir), ("tokenizer_dir", tokenizer_dir)):
             if not folder.is_dir():
                 raise FileNotFoundError(f"{name}='{folder}': no such folder")
         try:
-            # AutoModel maps a `*ForCausalLM` checkpoint to its base model and drops the LM head, which is
-            # the decoder stack SANA uses (sana-spec §3.1).
-            model = AutoModel.from_pretrained(text_encoder_dir, local_files_only=True, dtype=dtype, variant=variant)
+            model = _load_model(text_encoder_dir, dtype, variant)
         except Exception as e:    # transformers and safetensors raise OSError, ValueError, SafetensorError...
-            raise OSError(f"text_encoder_dir='{text_encoder_dir}': cannot load a transformers model "
+            raise OSError(f"text_encoder_dir='{text_encoder_dir}': cannot load a text encoder "
                           f"({type(e).__name__}: {e})") from e
         # Without tokenizer files, AutoTokenizer falls back on config.json's model type and silently builds
         # an empty 5-token GemmaTokenizer (transformers 5.23); refuse instead.
@@ -152,7 +153,7 @@ class TextEncoder:
             raise FileNotFoundError(f"tokenizer_dir='{tokenizer_dir}': no tokenizer files (one of "
                                     f"{', '.join(TOKENIZER_FILES)})")
         try:
-            tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir, local_files_only=True)
+            tokenizer = _load_tokenizer(tokenizer_dir)
         except Exception as e:
             raise OSError(f"tokenizer_dir='{tokenizer_dir}': cannot load a tokenizer "
                           f"({type(e).__name__}: {e})") from e
@@ -241,6 +242,26 @@ class TextEncoder:
         text, text_mask, null_text, null_mask = (
             t.repeat_interleave(n, dim=0) for t in (text, text_mask, null_text, null_mask))   # (B * n, ...)
         return TextConditioning(text, text_mask, null_text, null_mask)
+
+
+def _load_model(folder: Path, dtype: torch.dtype, variant: str | None) -> nn.Module:
+    from .hub import read_json
+    if read_json(folder / "config.json").get("model_type") == "gemma2":
+        from .gemma import load_gemma2
+        return load_gemma2(folder, dtype, variant)
+    from transformers import AutoModel   # lazy: importing sanaflow.text stays light
+    # AutoModel maps a `*ForCausalLM` checkpoint to its base model and drops the LM head, which is the decoder
+    # stack SANA uses (sana-spec §3.1).
+    return AutoModel.from_pretrained(folder, local_files_only=True, dtype=dtype, variant=variant)
+
+
+def _load_tokenizer(folder: Path):
+    from .gemma import JsonTokenizer, TokenizerNotReproducible
+    try:
+        return JsonTokenizer.from_folder(folder)
+    except TokenizerNotReproducible:     # e.g. only a SentencePiece tokenizer.model: transformers converts it
+        from transformers import AutoTokenizer
+        return AutoTokenizer.from_pretrained(folder, local_files_only=True)
 
 
 def simple_tokenizer(words: Sequence[str] = ()):

@@ -325,3 +325,24 @@ def test_a_pipeline_diffusers_cannot_express_is_refused_before_writing(tmp_path)
     with pytest.raises(ValueError, match=r"sana.*linear_attn_eps"):
         Pipeline(nvlabs_eps, ours.vae, ours.text).save_pretrained(tmp_path / "sana")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_trimmed_text_padding_gives_the_same_velocity():
+    """dit_velocity drops text columns every row masks: same output as the full padded text; a row with no real
+    token (uniform attention over all columns) keeps everything."""
+    from sanaflow.pipeline import dit_velocity, trim_padding
+    torch.manual_seed(0)
+    dit = DiT(dataclasses.replace(DIT_PRESETS["tiny"], depth=2)).eval()
+    dit.init_weights()
+    x, t = torch.randn(3, 4, 4, 4), torch.rand(3)
+    text = torch.randn(3, 12, dit.cfg.caption_channels)
+    mask = (torch.arange(12)[None] < torch.tensor([[3], [7], [1]])).long()    # right padding, longest 7
+    text_cut, mask_cut = trim_padding(text, mask)
+    assert mask_cut.shape == (3, 7) and text_cut.shape == (3, 7, dit.cfg.caption_channels)
+    with torch.no_grad():
+        full = dit(x, t * 1000, text, mask)
+        cut = dit_velocity(dit, text, mask, integer_t=False)(x, t)
+    torch.testing.assert_close(cut, full, rtol=1e-5, atol=1e-6)
+    mask[2] = 0
+    assert trim_padding(text, mask)[1].shape == (3, 12)
+    assert trim_padding(text, None)[0] is text

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 from torch import Tensor, nn
 
-from .hub import load_into, read_diffusers_weights, read_json
+from .hub import _load_component, write_json
 
 LAYER_TYPES = ("sliding_attention", "full_attention")
 
@@ -256,7 +256,7 @@ class Gemma2Decoder(nn.Module):
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
         dtype = next(self.parameters()).dtype
-        (folder / "config.json").write_text(json.dumps(self.cfg.to_transformers(dtype), indent=2) + "\n")
+        write_json(folder / "config.json", self.cfg.to_transformers(dtype))
         tensors = {k: v.detach().contiguous() for k, v in self.state_dict().items()}
         save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})   # transformers reads "format"
 
@@ -268,19 +268,10 @@ def decoder_weights(sd: dict[str, Tensor]) -> dict[str, Tensor]:
 
 
 def load_gemma2(folder: str | Path, dtype: torch.dtype = torch.float32, variant: str | None = None) -> Gemma2Decoder:
-    """A transformers Gemma2Model or Gemma2ForCausalLM folder (config.json, safetensors single or sharded, optionally
+    """A transformers Gemma2Model or Gemma2ForCausalLM folder (config.json, weights single or sharded, optionally
     a variant such as "bf16") -> the frozen decoder stack in `dtype`. Errors name the folder and the field."""
-    folder = Path(folder)
-    try:
-        cfg = Gemma2Config.from_transformers(read_json(folder / "config.json"))
-    except ValueError as e:
-        raise ValueError(f"{folder / 'config.json'}: {e}") from e
-    if not any(folder.glob("model*.safetensors*")):
-        raise FileNotFoundError(f"{folder}: no model*.safetensors weights (pickled .bin files are not read)")
-    sd = decoder_weights(read_diffusers_weights(folder, stem="model", variant=variant))
-    with torch.device("meta"):            # no memory and no init for weights that are about to be replaced
-        model = Gemma2Decoder(cfg)
-    return load_into(model, sd, str(folder), dtype)
+    return _load_component(folder, Gemma2Decoder, Gemma2Config.from_transformers,
+                           lambda sd, cfg: decoder_weights(sd), dtype, variant, stem="model")
 
 
 # ----------------------------------------------------------------------------------------------------------------

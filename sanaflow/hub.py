@@ -152,14 +152,16 @@ def _build(cls, cfg):
         return cls(cfg)
 
 
-def _load_component(folder: str | Path, model_cls, config_fn, convert_fn, dtype, variant):
-    """config.json -> our config (config_fn), weights -> our keys (convert_fn), strict load; errors name the folder."""
+def _load_component(folder: str | Path, model_cls, config_fn, convert_fn, dtype, variant,
+                    stem: str = "diffusion_pytorch_model"):
+    """config.json -> our config (config_fn), weights <stem>*.safetensors -> our keys (convert_fn), strict load;
+    errors name the folder. transformers folders use stem "model"."""
     folder = Path(folder)
     try:
         cfg = config_fn(read_json(folder / "config.json"))
     except ValueError as e:
         raise CheckpointError(f"{folder / 'config.json'}: {e}") from e
-    sd = read_diffusers_weights(folder, variant=variant)
+    sd = read_diffusers_weights(folder, stem=stem, variant=variant)
     try:
         sd = convert_fn(sd, cfg)
     except (KeyError, RuntimeError) as e:   # RuntimeError: q/k/v that cannot be fused (wrong shapes)

@@ -247,8 +247,11 @@ class DiT(nn.Module):
         self.final_linear = nn.Linear(D, p * p * cfg.out_channels)
         self.grad_checkpointing = False     # per-block activation checkpointing while training (sana-spec §4.11)
 
-    def init_weights(self) -> None:
-        """Training-from-scratch init of NVlabs SanaMS.initialize (sana-spec §1.12): no zero-init anywhere."""
+    def init_weights(self, y_norm_scale: float = 0.01) -> None:
+        """Training-from-scratch init of NVlabs SanaMS.initialize (sana-spec §1.12): no zero-init anywhere.
+        `y_norm_scale` is the caption RMSNorm's initial scale: SANA's 0.01 (§2.3) tames Gemma-2-2B's large
+        features; for a small encoder with unit-RMS features it keeps cross-attention near-uniform for thousands
+        of steps (docs/bundled-model.md), and 1.0 serves better."""
         for m in self.modules():
             if isinstance(m, nn.Linear):
                 nn.init.xavier_uniform_(m.weight)
@@ -258,7 +261,7 @@ class DiT(nn.Module):
         nn.init.xavier_uniform_(w.view(w.shape[0], -1))
         for lin in (self.t_embed[0], self.t_embed[2], self.t_block[1], self.y_proj[0], self.y_proj[2]):
             nn.init.normal_(lin.weight, std=0.02)
-        nn.init.constant_(self.y_norm.weight, 0.01)   # "small learnable scale factor (e.g. 0.01)", paper §2.3
+        nn.init.constant_(self.y_norm.weight, y_norm_scale)   # "small learnable scale factor (e.g. 0.01)", §2.3
 
     def pos_embed(self, h: int, w: int, device) -> Tensor | None:
         cfg = self.cfg

@@ -183,7 +183,7 @@ TRAIN_PRESETS: dict[str, dict] = {
                        batch_size=64, lr=5e-4, warmup_steps=300, grad_clip=1.0, save_every=250, ema_decay=0.999,
                        options={"vae": "runs/shapes-dcae/model", "text_encoder": "runs/shapes-text/model",
                                 "text_max_length": 64, "chi": False, "resolution": 256, "caption_dropout": 0.1,
-                                "caption_rule": "softmax", "caption_temperature": 0.5}),
+                                "caption_rule": "softmax", "caption_temperature": 0.5, "y_norm_init": 1.0}),
 }
 
 
@@ -424,7 +424,9 @@ def _truncate_log(path: Path, step: int) -> None:
 
 
 def _comparable(d: dict) -> dict:
-    # Everything but the length of the run and the bookkeeping cadence must match to continue a run.
+    # Everything but the length of the run and the bookkeeping cadence must match to continue a run. Parsed first, so
+    # that an options field added since the checkpoint was written compares as its default.
+    d = TrainConfig.from_dict(d).to_dict()
     return {k: v for k, v in d.items() if k not in ("steps", "save_every", "log_every", "keep")}
 
 

@@ -45,14 +45,15 @@ class DiTOptions:
     caption_threshold: float = 0.0       # clipscore's keep threshold: 25.0 for CLIP scores; shapes scores are in [0, 1]
     captions_per_image: int = 0          # cache at most this many captions per image (best first); 0 = all
     encode_batch: int = 32               # images / captions per frozen-encoder call while caching
+    y_norm_init: float = 0.01            # initial scale of the caption RMSNorm (§2.3; DiT.init_weights)
 
     def __post_init__(self):
         if self.caption_rule not in ("clipscore", "softmax", "uniform", "best"):
             raise ValueError(f"options.caption_rule={self.caption_rule!r}: one of clipscore, softmax, uniform, best")
         if not 0 <= self.caption_dropout < 1:
             raise ValueError(f"options.caption_dropout={self.caption_dropout}: must be in [0, 1)")
-        if self.flow_shift <= 0 or self.caption_temperature <= 0 or self.logit_std <= 0:
-            raise ValueError("options.flow_shift, caption_temperature and logit_std must be > 0")
+        if self.flow_shift <= 0 or self.caption_temperature <= 0 or self.logit_std <= 0 or self.y_norm_init <= 0:
+            raise ValueError("options.flow_shift, caption_temperature, logit_std and y_norm_init must be > 0")
 
 
 def bucket_sizes(resolution: int, multiple: int) -> dict[str, tuple[int, int]]:
@@ -212,7 +213,7 @@ class DiTTask:
 
     def build_model(self) -> nn.Module:
         model = DiT(self.model_cfg)
-        model.init_weights()                       # NVlabs init (sana-spec §1.12)
+        model.init_weights(self.opt.y_norm_init)   # NVlabs init (sana-spec §1.12)
         return model
 
     def batch(self, step: int, g: torch.Generator) -> dict[str, Tensor]:

@@ -82,6 +82,23 @@ def test_resume_refuses_a_different_config(frozen, tmp_path):
         train(config(frozen, steps=2, lr=5e-3), tmp_path, progress=False)
 
 
+def test_resume_accepts_a_checkpoint_from_before_an_options_field_existed(frozen, tmp_path):
+    train(config(frozen, steps=1), tmp_path, progress=False)
+    state_file = checkpoint.latest(tmp_path) / "state.json"
+    state = json.loads(state_file.read_text())
+    del state["config"]["options"]["y_norm_init"]                   # as written before the field was added
+    state_file.write_text(json.dumps(state))
+    assert train(config(frozen, steps=2), tmp_path, progress=False)["step"] == 2     # the default still matches
+    with pytest.raises(ValueError, match="options"):                # ... and a different value does not
+        train(config(frozen, steps=3, options={"y_norm_init": 1.0}), tmp_path, progress=False)
+
+
+def test_y_norm_init_reaches_the_model(frozen, tmp_path):
+    for value in (0.01, 1.0):
+        task = DiTTask(config(frozen, options={"y_norm_init": value}), tmp_path, DistEnv())
+        assert torch.all(task.build_model().y_norm.weight == value)
+
+
 def test_training_lowers_the_loss_and_exports_a_loadable_model(frozen, tmp_path):
     from sanaflow.hub import load_dit
     cfg = config(frozen, steps=80, lr=3e-3, warmup_steps=5)

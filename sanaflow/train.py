@@ -60,6 +60,7 @@ class TrainConfig:
     betas: tuple[float, float] = (0.9, 0.999)
     weight_decay: float = 0.0
     warmup_steps: int = 0                   # linear warm-up, then constant (§4.5)
+    decay_steps: int = 0                    # then linear decay to 0 over the run's last decay_steps (0 = none); see lr_at
     grad_clip: float = 0.1                  # global grad-norm (§4.5); 0 = off
     ema_decay: float = 0.0                  # 0 = no EMA (§4.6: SANA's train.py builds none)
     seed: int = 0
@@ -81,9 +82,9 @@ class TrainConfig:
             raise ValueError(f"TrainConfig.task={self.task!r}: one of {sorted(TASK_NAMES)}")
         if not (self.lr > 0 and math.isfinite(self.lr)):
             raise ValueError(f"TrainConfig.lr={self.lr!r}: must be a positive number")
-        if self.warmup_steps < 0 or self.grad_clip < 0 or not 0 <= self.ema_decay < 1:
-            raise ValueError(f"TrainConfig: warmup_steps={self.warmup_steps}, grad_clip={self.grad_clip} must be >= 0 "
-                             f"and ema_decay={self.ema_decay} in [0, 1)")
+        if self.warmup_steps < 0 or self.decay_steps < 0 or self.grad_clip < 0 or not 0 <= self.ema_decay < 1:
+            raise ValueError(f"TrainConfig: warmup_steps={self.warmup_steps}, decay_steps={self.decay_steps}, "
+                             f"grad_clip={self.grad_clip} must be >= 0 and ema_decay={self.ema_decay} in [0, 1)")
         if self.precision not in ("fp32", "bf16", "fp16"):
             raise ValueError(f"TrainConfig.precision={self.precision!r}: one of fp32, bf16, fp16")
         if self.parallel not in ("ddp", "fsdp"):
@@ -423,11 +424,21 @@ def _truncate_log(path: Path, step: int) -> None:
     atomic_write(path, lambda p: p.write_text("".join(line + "\n" for line in keep)))
 
 
+def lr_at(cfg: TrainConfig, step: int) -> float:
+    """Learning rate of 0-based `step`: linear warm-up, constant, then (decay_steps > 0) linear decay to 0 at
+    cfg.steps. Warmup-stable-decay (Hu et al. 2024, MiniCPM §4): the decay is the run's end, so a stable run can
+    be extended and cooled down later by rerunning it with more steps and decay_steps."""
+    lr = cfg.lr * min(1.0, (step + 1) / cfg.warmup_steps) if cfg.warmup_steps else cfg.lr
+    if cfg.decay_steps:
+        lr *= min(1.0, (cfg.steps - step) / cfg.decay_steps)
+    return lr
+
+
 def _comparable(d: dict) -> dict:
-    # Everything but the length of the run and the bookkeeping cadence must match to continue a run. Parsed first, so
-    # that an options field added since the checkpoint was written compares as its default.
+    # Everything but the end of the run (its length and cool-down) and the bookkeeping cadence must match to continue
+    # a run. Parsed first, so that a field added since the checkpoint was written compares as its default.
     d = TrainConfig.from_dict(d).to_dict()
-    return {k: v for k, v in d.items() if k not in ("steps", "save_every", "log_every", "keep")}
+    return {k: v for k, v in d.items() if k not in ("steps", "decay_steps", "save_every", "log_every", "keep")}
 
 
 @torch.enable_grad()          # whatever the caller's grad mode (e.g. after an in-process `sanaflow generate`)
@@ -486,7 +497,7 @@ def train(cfg: TrainConfig, run: str | Path, env: DistEnv | None = None, progres
     wrapped.train()
     for step in range(start, cfg.steps):
         for group in optimizer.param_groups:
-            group["lr"] = cfg.lr * min(1.0, (step + 1) / cfg.warmup_steps) if cfg.warmup_steps else cfg.lr
+            group["lr"] = lr_at(cfg, step)
         batch = task.batch(step, step_generator(cfg.seed, step))
         with autocast:
             loss = task.loss(wrapped, batch)

@@ -18,7 +18,7 @@ from sanaflow import checkpoint, shapes
 from sanaflow.data import write_folder, write_wds
 from sanaflow.dcae import DCAE, DCAE_PRESETS
 from sanaflow.hub import save_dcae
-from sanaflow.train import (BatchOrder, DataError, DistEnv, TrainConfig, TrainingError, caption_weights,
+from sanaflow.train import (BatchOrder, DataError, DistEnv, TrainConfig, TrainingError, caption_weights, lr_at,
                             step_generator, train)
 from sanaflow.train_dit import DiTTask
 from tests.tiny_text import make_gemma, make_tokenizer
@@ -80,6 +80,25 @@ def test_resume_refuses_a_different_config(frozen, tmp_path):
     train(config(frozen, steps=1), tmp_path, progress=False)
     with pytest.raises(ValueError, match="lr"):
         train(config(frozen, steps=2, lr=5e-3), tmp_path, progress=False)
+
+
+def test_lr_schedule_warms_up_holds_and_decays_to_zero(frozen):
+    cfg = config(frozen, steps=10, lr=1.0, warmup_steps=2, decay_steps=4)
+    assert [lr_at(cfg, s) for s in range(10)] == [0.5, 1, 1, 1, 1, 1, 1, 0.75, 0.5, 0.25]
+    assert [lr_at(cfg.replace(decay_steps=0), s) for s in range(4)] == [0.5, 1, 1, 1]
+    with pytest.raises(ValueError, match="decay_steps"):
+        config(frozen, decay_steps=-1)
+
+
+def test_a_stable_run_can_be_cooled_down_later(frozen, tmp_path):
+    # Warmup-stable-decay: 4 constant steps, then rerun with a 2-step decay = the whole schedule in one run.
+    cooled = config(frozen, steps=6, decay_steps=2)
+    train(cooled, tmp_path / "whole", progress=False)
+    train(cooled.replace(steps=4, decay_steps=0), tmp_path / "pieces", progress=False)
+    train(cooled, tmp_path / "pieces", progress=False)
+    assert_same(final_weights(tmp_path / "whole"), final_weights(tmp_path / "pieces"))
+    lrs = [json.loads(line).get("lr") for line in (tmp_path / "pieces" / "log.jsonl").read_text().splitlines()]
+    assert [lr for lr in lrs if lr is not None][-2:] == [1e-3 * 2 / 2, 1e-3 * 1 / 2]
 
 
 def test_resume_accepts_a_checkpoint_from_before_an_options_field_existed(frozen, tmp_path):

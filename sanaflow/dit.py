@@ -2,7 +2,7 @@
 
     latent x (B, C, H, W) -> patch embed -> L x [linear self-attn, cross-attn to text, Mix-FFN] -> final layer -> v
     timestep -> sinusoid -> MLP -> AdaLN-single (one shared 6D projection, a learned table per block)
-    text (B, L, 2304) -> caption MLP -> RMSNorm (scale 0.01 at init)
+    text (B, L, 2304) -> caption MLP -> RMSNorm -> keys and values per block (once per caption: encode_text)
 
 Numerics follow diffusers' `SanaTransformer2DModel` (docs/spec: ../shared/reference/diffusers-interop.md §1), so
 official checkpoints give the same outputs; where NVlabs/Sana differs the difference is a config field.
@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, replace
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -171,12 +172,18 @@ class CrossAttention(nn.Module):
         self.k_norm = RMSNorm(cfg.width) if cfg.qk_norm else nn.Identity()
         self.proj = nn.Linear(cfg.width, cfg.width)
 
-    def forward(self, x: Tensor, y: Tensor, bias: Tensor | None) -> Tensor:   # x: (B, N, D), y: (B, L, D)
-        B, N, D = x.shape
+    def caption_kv(self, y: Tensor) -> tuple[Tensor, Tensor]:                 # y: (B, L, D)
+        """Keys and values of the caption tokens: they depend on the caption alone, so a sampler computes them
+        once per image instead of once per step (DiT.encode_text)."""
+        B, L, D = y.shape
         k, v = self.kv(y).chunk(2, dim=-1)                                      # 2 x (B, L, D)
-        q, k = self.q_norm(self.q(x)), self.k_norm(k)
-        q, k, v = (z.view(B, -1, self.heads, D // self.heads).transpose(1, 2) for z in (q, k, v))  # (B, h, ., d)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)           # (B, h, N, d)
+        k = self.k_norm(k)
+        return tuple(z.view(B, L, self.heads, D // self.heads).transpose(1, 2) for z in (k, v))  # (B, h, L, d)
+
+    def forward(self, x: Tensor, kv: tuple[Tensor, Tensor], bias: Tensor | None) -> Tensor:   # x: (B, N, D)
+        B, N, D = x.shape
+        q = self.q_norm(self.q(x)).view(B, N, self.heads, D // self.heads).transpose(1, 2)   # (B, h, N, d)
+        out = F.scaled_dot_product_attention(q, *kv, attn_mask=bias)            # (B, h, N, d)
         return self.proj(out.transpose(1, 2).reshape(B, N, D))                  # (B, N, D)
 
 
@@ -221,12 +228,18 @@ class Block(nn.Module):
         # arithmetic op would import torch's Python meta kernels, ~2 s of every process start (generate_speed.py).
         self.scale_shift_table = nn.Parameter(torch.normal(0.0, cfg.width**-0.5, (6, cfg.width)))
 
-    def forward(self, x: Tensor, y: Tensor, bias: Tensor | None, t6: Tensor, hw: tuple[int, int]) -> Tensor:
+    def forward(self, x: Tensor, kv: tuple[Tensor, Tensor], bias: Tensor | None, t6: Tensor,
+                hw: tuple[int, int]) -> Tensor:
         # AdaLN-single: one shared projection t6 (B, 6, D) plus this block's own learned table.
         shift1, scale1, gate1, shift2, scale2, gate2 = (self.scale_shift_table[None] + t6).chunk(6, dim=1)  # (B, 1, D)
         x = x + gate1 * self.attn((self.norm1(x) * (1 + scale1) + shift1).to(x.dtype))
-        x = x + self.cross_attn(x, y, bias)                 # no norm, no gate (same in NVlabs and diffusers)
+        x = x + self.cross_attn(x, kv, bias)                # no norm, no gate (same in NVlabs and diffusers)
         return x + gate2 * self.ffn(self.norm2(x) * (1 + scale2) + shift2, hw)
+
+
+class TextContext(NamedTuple):
+    kv: list[tuple[Tensor, Tensor]]     # per block: caption keys and values, each (B, heads, L, D / heads)
+    bias: Tensor | None                 # (B, 1, 1, L) additive attention bias, -10000 on padding
 
 
 class DiT(nn.Module):
@@ -270,13 +283,28 @@ class DiT(nn.Module):
         return sincos_pos_embed_2d(cfg.width, h, w, cfg.sample_size // cfg.patch_size, cfg.pe_interpolation, device)
 
     def forward(self, x: Tensor, timestep: Tensor, text: Tensor, mask: Tensor | None = None) -> Tensor:
+        if text.ndim != 3 or text.shape[0] != x.shape[0] or text.shape[2] != self.cfg.caption_channels:
+            raise ValueError(f"DiT: text of shape {tuple(text.shape)} must be (B={x.shape[0]}, L, "
+                             f"{self.cfg.caption_channels})")
+        return self.denoise(x, timestep, self.encode_text(text, mask))
+
+    def encode_text(self, text: Tensor, mask: Tensor | None = None) -> TextContext:
+        """Everything the blocks need from the caption (B, L, C_txt): per-block keys and values, the padding bias."""
+        y = self.y_norm(self.y_proj(text))                                     # (B, L, D)
+        bias = None
+        if mask is not None:   # keep 1 / drop 0 -> additive bias (diffusers and NVlabs without xformers)
+            bias = ((1 - mask.to(y.dtype)) * -10000.0)[:, None, None, :]       # (B, 1, 1, L)
+        return TextContext([block.cross_attn.caption_kv(y) for block in self.blocks], bias)
+
+    def denoise(self, x: Tensor, timestep: Tensor, ctx: TextContext) -> Tensor:
+        """The velocity for latents x (B, C, H, W) at `timestep` (B,), given encode_text's context of B captions."""
         cfg, p = self.cfg, self.cfg.patch_size
         B, C, H, W = x.shape
         if C != cfg.in_channels or H % p or W % p:
             raise ValueError(f"DiT: x of shape {tuple(x.shape)} needs {cfg.in_channels} channels and H, W "
                              f"divisible by patch_size={p}")
-        if text.ndim != 3 or text.shape[0] != B or text.shape[2] != cfg.caption_channels:
-            raise ValueError(f"DiT: text of shape {tuple(text.shape)} must be (B={B}, L, {cfg.caption_channels})")
+        if ctx.kv[0][0].shape[0] != B:
+            raise ValueError(f"DiT: {ctx.kv[0][0].shape[0]} captions for a batch of {B} latents")
         h, w = H // p, W // p
         # contiguous: a transposed view would make every residual add, norm and matmul of every block copy.
         tokens = self.patch_embed(x).flatten(2).transpose(1, 2).contiguous()   # (B, N, D), row-major
@@ -285,15 +313,11 @@ class DiT(nn.Module):
             tokens = (tokens + pe).to(tokens.dtype)
         t_emb = self.t_embed(timestep_sinusoid(timestep.expand(B)).to(tokens.dtype))   # (B, D)
         t6 = self.t_block(t_emb).view(B, 6, -1)                                # (B, 6, D)
-        y = self.y_norm(self.y_proj(text))                                     # (B, L, D)
-        bias = None
-        if mask is not None:   # keep 1 / drop 0 -> additive bias (diffusers and NVlabs without xformers)
-            bias = ((1 - mask.to(tokens.dtype)) * -10000.0)[:, None, None, :]  # (B, 1, 1, L)
-        for block in self.blocks:
+        for block, kv in zip(self.blocks, ctx.kv):
             if self.grad_checkpointing and torch.is_grad_enabled():
-                tokens = checkpoint(block, tokens, y, bias, t6, (h, w), use_reentrant=False)
+                tokens = checkpoint(block, tokens, kv, ctx.bias, t6, (h, w), use_reentrant=False)
             else:
-                tokens = block(tokens, y, bias, t6, (h, w))
+                tokens = block(tokens, kv, ctx.bias, t6, (h, w))
         shift, scale = (self.final_table[None] + t_emb[:, None]).chunk(2, dim=1)   # (B, 1, D): t_emb, not t6
         out = self.final_linear(self.final_norm(tokens) * (1 + scale) + shift)     # (B, N, p*p*C_out)
         out = out.view(B, h, w, p, p, -1).permute(0, 5, 1, 3, 2, 4)           # (B, C_out, h, p, w, p)

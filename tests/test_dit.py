@@ -127,6 +127,22 @@ def test_gradient_checkpointing_gives_the_same_gradients():
     torch.testing.assert_close(grads[0], grads[1])
 
 
+def test_text_context_computed_once_serves_every_step():
+    torch.manual_seed(0)
+    model = DiT(DIT_PRESETS["tiny"]).eval()
+    model.init_weights(y_norm_scale=1.0)                    # a caption that matters
+    text, mask = torch.randn(2, 5, 8), torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]])
+    with torch.no_grad():
+        ctx = model.encode_text(text, mask)
+        for t in (900.0, 500.0, 10.0):
+            x = torch.randn(2, 4, 8, 8)
+            assert torch.equal(model.denoise(x, torch.full((2,), t), ctx), model(x, torch.full((2,), t), text, mask))
+        other = model.denoise(x, torch.full((2,), t), model.encode_text(text.flip(0), mask.flip(0)))
+        assert not torch.allclose(other, model(x, torch.full((2,), t), text, mask))
+        with pytest.raises(ValueError, match="2 captions for a batch of 3"):
+            model.denoise(torch.randn(3, 4, 8, 8), torch.zeros(3), ctx)
+
+
 def test_init_weights_follows_sana():
     model = DiT(DIT_PRESETS["tiny"])
     model.init_weights()

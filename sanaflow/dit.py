@@ -192,7 +192,7 @@ class MixFFN(nn.Module):
 
     The zero-padded 3x3 depthwise conv lets each token see its neighbours; it is what lets SANA drop positional
     embeddings (arXiv 2410.10629 §2.2, Mix-FFN and NoPE). The convs run on a channels-last view of the tokens
-    (B, N, D) and the last 1x1 conv as a matmul, so no NCHW transpose is ever copied (benchmarks/dit_speed.py).
+    (B, N, D) and both 1x1 convs as matmuls, so no NCHW transpose is ever copied (benchmarks/dit_speed.py).
     """
 
     def __init__(self, cfg: DiTConfig):
@@ -204,8 +204,8 @@ class MixFFN(nn.Module):
 
     def forward(self, x: Tensor, hw: tuple[int, int]) -> Tensor:               # x: (B, N, D)
         B, N, D = x.shape
-        h = x.reshape(B, *hw, D).permute(0, 3, 1, 2)                            # (B, D, H, W) channels-last view
-        h = self.depthwise(F.silu(self.inverted(h)))                            # (B, 2F, H, W) channels-last
+        h = F.silu(F.linear(x, self.inverted.weight.flatten(1), self.inverted.bias))   # (B, N, 2F)
+        h = self.depthwise(h.reshape(B, *hw, -1).permute(0, 3, 1, 2))           # (B, 2F, H, W) channels-last view
         h, gate = h.permute(0, 2, 3, 1).reshape(B, N, -1).chunk(2, dim=-1)     # 2 x (B, N, F), no copy
         return F.linear(h * F.silu(gate), self.point.weight.flatten(1))         # (B, N, D)
 

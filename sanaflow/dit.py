@@ -173,8 +173,7 @@ class CrossAttention(nn.Module):
         self.proj = nn.Linear(cfg.width, cfg.width)
 
     def caption_kv(self, y: Tensor) -> tuple[Tensor, Tensor]:                 # y: (B, L, D)
-        """Keys and values of the caption tokens: they depend on the caption alone, so a sampler computes them
-        once per image instead of once per step (DiT.encode_text)."""
+        """Keys and values of the caption tokens: they depend on the caption alone (see DiT.encode_text)."""
         B, L, D = y.shape
         k, v = self.kv(y).chunk(2, dim=-1)                                      # 2 x (B, L, D)
         k = self.k_norm(k)
@@ -228,18 +227,22 @@ class Block(nn.Module):
         # arithmetic op would import torch's Python meta kernels, ~2 s of every process start (generate_speed.py).
         self.scale_shift_table = nn.Parameter(torch.normal(0.0, cfg.width**-0.5, (6, cfg.width)))
 
-    def forward(self, x: Tensor, kv: tuple[Tensor, Tensor], bias: Tensor | None, t6: Tensor,
-                hw: tuple[int, int]) -> Tensor:
+    def forward(self, x: Tensor, y: Tensor, bias: Tensor | None, t6: Tensor, hw: tuple[int, int],
+                kv: tuple[Tensor, Tensor] | None = None) -> Tensor:
         # AdaLN-single: one shared projection t6 (B, 6, D) plus this block's own learned table.
         shift1, scale1, gate1, shift2, scale2, gate2 = (self.scale_shift_table[None] + t6).chunk(6, dim=1)  # (B, 1, D)
         x = x + gate1 * self.attn((self.norm1(x) * (1 + scale1) + shift1).to(x.dtype))
+        # Keys and values from the caption here (training: FSDP gathers this block's weights for its forward only),
+        # or precomputed once per image by a sampler (DiT.encode_text(..., cache_kv=True)).
+        kv = self.cross_attn.caption_kv(y) if kv is None else kv
         x = x + self.cross_attn(x, kv, bias)                # no norm, no gate (same in NVlabs and diffusers)
         return x + gate2 * self.ffn(self.norm2(x) * (1 + scale2) + shift2, hw)
 
 
 class TextContext(NamedTuple):
-    kv: list[tuple[Tensor, Tensor]]     # per block: caption keys and values, each (B, heads, L, D / heads)
+    y: Tensor                           # (B, L, D) the projected, normalised caption
     bias: Tensor | None                 # (B, 1, 1, L) additive attention bias, -10000 on padding
+    kv: list | None = None              # per block: the caption's keys and values, each (B, heads, L, D / heads)
 
 
 class DiT(nn.Module):
@@ -288,13 +291,15 @@ class DiT(nn.Module):
                              f"{self.cfg.caption_channels})")
         return self.denoise(x, timestep, self.encode_text(text, mask))
 
-    def encode_text(self, text: Tensor, mask: Tensor | None = None) -> TextContext:
-        """Everything the blocks need from the caption (B, L, C_txt): per-block keys and values, the padding bias."""
+    def encode_text(self, text: Tensor, mask: Tensor | None = None, cache_kv: bool = False) -> TextContext:
+        """What the blocks need from the caption (B, L, C_txt). cache_kv: also every block's keys and values, which
+        a sampler then computes once per image instead of once per step."""
         y = self.y_norm(self.y_proj(text))                                     # (B, L, D)
         bias = None
         if mask is not None:   # keep 1 / drop 0 -> additive bias (diffusers and NVlabs without xformers)
             bias = ((1 - mask.to(y.dtype)) * -10000.0)[:, None, None, :]       # (B, 1, 1, L)
-        return TextContext([block.cross_attn.caption_kv(y) for block in self.blocks], bias)
+        kv = [block.cross_attn.caption_kv(y) for block in self.blocks] if cache_kv else None
+        return TextContext(y, bias, kv)
 
     def denoise(self, x: Tensor, timestep: Tensor, ctx: TextContext) -> Tensor:
         """The velocity for latents x (B, C, H, W) at `timestep` (B,), given encode_text's context of B captions."""
@@ -303,8 +308,8 @@ class DiT(nn.Module):
         if C != cfg.in_channels or H % p or W % p:
             raise ValueError(f"DiT: x of shape {tuple(x.shape)} needs {cfg.in_channels} channels and H, W "
                              f"divisible by patch_size={p}")
-        if ctx.kv[0][0].shape[0] != B:
-            raise ValueError(f"DiT: {ctx.kv[0][0].shape[0]} captions for a batch of {B} latents")
+        if ctx.y.shape[0] != B:
+            raise ValueError(f"DiT: {ctx.y.shape[0]} captions for a batch of {B} latents")
         h, w = H // p, W // p
         # contiguous: a transposed view would make every residual add, norm and matmul of every block copy.
         tokens = self.patch_embed(x).flatten(2).transpose(1, 2).contiguous()   # (B, N, D), row-major
@@ -313,11 +318,12 @@ class DiT(nn.Module):
             tokens = (tokens + pe).to(tokens.dtype)
         t_emb = self.t_embed(timestep_sinusoid(timestep.expand(B)).to(tokens.dtype))   # (B, D)
         t6 = self.t_block(t_emb).view(B, 6, -1)                                # (B, 6, D)
-        for block, kv in zip(self.blocks, ctx.kv):
+        for i, block in enumerate(self.blocks):
+            kv = ctx.kv[i] if ctx.kv is not None else None
             if self.grad_checkpointing and torch.is_grad_enabled():
-                tokens = checkpoint(block, tokens, kv, ctx.bias, t6, (h, w), use_reentrant=False)
+                tokens = checkpoint(block, tokens, ctx.y, ctx.bias, t6, (h, w), kv, use_reentrant=False)
             else:
-                tokens = block(tokens, kv, ctx.bias, t6, (h, w))
+                tokens = block(tokens, ctx.y, ctx.bias, t6, (h, w), kv)
         shift, scale = (self.final_table[None] + t_emb[:, None]).chunk(2, dim=1)   # (B, 1, D): t_emb, not t6
         out = self.final_linear(self.final_norm(tokens) * (1 + scale) + shift)     # (B, N, p*p*C_out)
         out = out.view(B, h, w, p, p, -1).permute(0, 5, 1, 3, 2, 4)           # (B, C_out, h, p, w, p)

@@ -50,7 +50,7 @@ def dit_velocity(dit: DiT, text: Tensor, mask: Tensor | None, integer_t: bool) -
     text, mask = trim_padding(text, mask)
     if text.ndim != 3 or text.shape[2] != dit.cfg.caption_channels:
         raise ValueError(f"text of shape {tuple(text.shape)} must be (B, L, {dit.cfg.caption_channels})")
-    ctx = dit.encode_text(text.to(dtype), mask)       # once: the caption's keys and values are the same every step
+    ctx = dit.encode_text(text.to(dtype), mask, cache_kv=True)   # the caption's keys and values: once, not per step
 
     def model_fn(x: Tensor, t: Tensor) -> Tensor:
         timestep = network_time(t, integer_t) * dit.cfg.timestep_scale

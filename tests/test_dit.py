@@ -133,7 +133,8 @@ def test_text_context_computed_once_serves_every_step():
     model.init_weights(y_norm_scale=1.0)                    # a caption that matters
     text, mask = torch.randn(2, 5, 8), torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]])
     with torch.no_grad():
-        ctx = model.encode_text(text, mask)
+        ctx = model.encode_text(text, mask, cache_kv=True)
+        assert len(ctx.kv) == len(model.blocks)
         for t in (900.0, 500.0, 10.0):
             x = torch.randn(2, 4, 8, 8)
             assert torch.equal(model.denoise(x, torch.full((2,), t), ctx), model(x, torch.full((2,), t), text, mask))

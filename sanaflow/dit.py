@@ -202,7 +202,7 @@ class MixFFN(nn.Module):
         self.point = nn.Conv2d(hidden, cfg.width, 1, bias=False)
 
     def forward(self, x: Tensor, hw: tuple[int, int]) -> Tensor:               # x: (B, N, D)
-        B, N, D = x.shape
+        B, N, _ = x.shape
         h = F.silu(F.linear(x, self.inverted.weight.flatten(1), self.inverted.bias))   # (B, N, 2F)
         h = self.depthwise(h.reshape(B, *hw, -1).permute(0, 3, 1, 2))           # (B, 2F, H, W) channels-last view
         h, gate = h.permute(0, 2, 3, 1).reshape(B, N, -1).chunk(2, dim=-1)     # 2 x (B, N, F), no copy

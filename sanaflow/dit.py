@@ -286,14 +286,13 @@ class DiT(nn.Module):
         return sincos_pos_embed_2d(cfg.width, h, w, cfg.sample_size // cfg.patch_size, cfg.pe_interpolation, device)
 
     def forward(self, x: Tensor, timestep: Tensor, text: Tensor, mask: Tensor | None = None) -> Tensor:
-        if text.ndim != 3 or text.shape[0] != x.shape[0] or text.shape[2] != self.cfg.caption_channels:
-            raise ValueError(f"DiT: text of shape {tuple(text.shape)} must be (B={x.shape[0]}, L, "
-                             f"{self.cfg.caption_channels})")
         return self.denoise(x, timestep, self.encode_text(text, mask))
 
     def encode_text(self, text: Tensor, mask: Tensor | None = None, cache_kv: bool = False) -> TextContext:
         """What the blocks need from the caption (B, L, C_txt). cache_kv: also every block's keys and values, which
         a sampler then computes once per image instead of once per step."""
+        if text.ndim != 3 or text.shape[2] != self.cfg.caption_channels:
+            raise ValueError(f"DiT: text of shape {tuple(text.shape)} must be (B, L, {self.cfg.caption_channels})")
         y = self.y_norm(self.y_proj(text))                                     # (B, L, D)
         bias = None
         if mask is not None:   # keep 1 / drop 0 -> additive bias (diffusers and NVlabs without xformers)

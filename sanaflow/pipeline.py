@@ -48,8 +48,6 @@ def dit_velocity(dit: DiT, text: Tensor, mask: Tensor | None, integer_t: bool) -
     """The DiT as a model_fn over flow time t in [0, 1] (the network sees 1000 t, sana-spec §1.11)."""
     dtype = next(dit.parameters()).dtype
     text, mask = trim_padding(text, mask)
-    if text.ndim != 3 or text.shape[2] != dit.cfg.caption_channels:
-        raise ValueError(f"text of shape {tuple(text.shape)} must be (B, L, {dit.cfg.caption_channels})")
     ctx = dit.encode_text(text.to(dtype), mask, cache_kv=True)   # the caption's keys and values: once, not per step
 
     def model_fn(x: Tensor, t: Tensor) -> Tensor:

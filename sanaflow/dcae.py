@@ -367,8 +367,16 @@ class DCAE(nn.Module):
         x = self.decoder(F.pad(z / self.cfg.scaling_factor, (m, m, m, m), mode="replicate"))  # (B, 3, (h+2m) f, ...)
         return x[..., f:-f, f:-f]                                           # (B, 3, h f, w f)
 
-    def forward(self, x: Tensor, return_latent: bool = False) -> Tensor | tuple[Tensor, Tensor]:
+    def forward(self, x: Tensor, return_latent: bool = False,
+                latent_noise: Tensor | None = None) -> Tensor | tuple[Tensor, Tensor]:
         """Reconstruction for autoencoder training; the scaling factor cancels, so it is not applied. With
-        return_latent, also the unscaled latent (for a penalty on it; DDP only sees calls of forward)."""
+        return_latent, also the unscaled latent (for a penalty on it; DDP only sees calls of forward).
+
+        latent_noise (shaped like the latent, drawn by the caller) is added to the latent before decoding, in units
+        of each image's latent RMS (detached, so the encoder cannot shrink the noise by growing the latent)."""
         z = self.encoder(x)
-        return (self.decoder(z), z) if return_latent else self.decoder(z)
+        zd = z
+        if latent_noise is not None:
+            rms = z.detach().float().square().mean((1, 2, 3), keepdim=True).sqrt()   # (B, 1, 1, 1)
+            zd = z + (latent_noise * rms).to(z.dtype)
+        return (self.decoder(zd), z) if return_latent else self.decoder(zd)

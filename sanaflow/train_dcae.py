@@ -51,6 +51,12 @@ class DCAEOptions:
     # convolutional, so it learns the images' scale from crops at a fraction of the cost and is evaluated on whole
     # images. Offsets are multiples of the compression, so every crop keeps the latent grid of its full image.
     crop: int = 0
+    # Noise-augmented decoding: the decoder is trained on z + sigma * rms(z) * eps, eps ~ N(0, I), with one
+    # sigma ~ |N(0, latent_noise^2)| per image (0: off). The DiT's samples are never exact latents; a decoder that
+    # has learned to map a neighbourhood of each latent to the clean image turns imprecise samples into crisp
+    # shapes, and the encoder, trained through the noisy decoder, has to spread what it encodes over directions
+    # that survive noise. The same idea as the noise-augmented decoder of RAE (arXiv 2510.11690).
+    latent_noise: float = 0.0
     stats_samples: int = 512             # training images whose latents set the scaling factor
     eval_samples: int = 64               # images held out of training, for the PSNR in ae_metrics.json
 
@@ -61,6 +67,8 @@ class DCAEOptions:
             raise ValueError(f"options.l1={self.l1}, options.l2={self.l2}: must be >= 0, finite, not both 0")
         if not (self.latent_l2 >= 0 and math.isfinite(self.latent_l2)):
             raise ValueError(f"options.latent_l2={self.latent_l2}: must be >= 0 and finite")
+        if not (self.latent_noise >= 0 and math.isfinite(self.latent_noise)):
+            raise ValueError(f"options.latent_noise={self.latent_noise}: must be >= 0 and finite")
         if not 0 <= self.crop <= self.resolution:
             raise ValueError(f"options.crop={self.crop}: must be in [0, options.resolution={self.resolution}]")
         if self.stats_samples < 1 or self.eval_samples < 0:
@@ -139,11 +147,19 @@ class DCAETask:
             top, left = (torch.randint(0, (x.shape[-1] - c) // f + 1, (2, n), generator=g) * f).tolist()
             keep = self.env.local(torch.arange(n)).tolist()
             x = torch.stack([im[:, top[i]:top[i] + c, left[i]:left[i] + c] for im, i in zip(x, keep)])
-        return {"images": to_signed(x.to(self.env.device))}                # (b, 3, c, c), moved as uint8
+        out = {"images": to_signed(x.to(self.env.device))}                 # (b, 3, c, c), moved as uint8
+        if self.opt.latent_noise:
+            # Drawn for the whole global batch from the step's generator, then sliced, like the crop offsets.
+            n, (h, w) = len(idx), (s // f for s in x.shape[-2:])
+            sigma = torch.randn(n, 1, 1, 1, generator=g).abs() * self.opt.latent_noise
+            eps = torch.randn(n, self.model_cfg.latent_channels, h, w, generator=g)
+            out["latent_noise"] = self.env.local(sigma * eps).to(self.env.device)      # (b, C_lat, h, w)
+        return out
 
     def loss(self, model: nn.Module, batch: dict[str, Tensor]) -> Tensor:
         x = batch["images"]
-        recon, z = model(x, return_latent=True)               # Dec(Enc(x)) and Enc(x), no scaling (dcae.DCAE)
+        # Dec(Enc(x) [+ noise]) and Enc(x), no scaling (dcae.DCAE)
+        recon, z = model(x, return_latent=True, latent_noise=batch.get("latent_noise"))
         err = recon.float() - x
         loss = self.opt.l1 * err.abs().mean() + self.opt.l2 * err.square().mean()
         return loss + self.opt.latent_l2 * z.float().square().mean() if self.opt.latent_l2 else loss

@@ -227,3 +227,38 @@ def test_latent_penalty_adds_its_term_and_bounds_the_latent(data, tmp_path):
         with torch.no_grad():
             stds.append(out["model"].encoder(images(range(N - N_EVAL))).std().item())
     assert stds[1] < 0.7 * stds[0], stds
+
+
+def test_latent_noise_is_relative_to_the_latent_rms_drawn_per_step_and_split_across_ranks(data, tmp_path):
+    cfg = config(data, {"latent_noise": 0.3})
+    task = DCAETask(cfg, tmp_path / "a", DistEnv())
+    task.prepare()
+    batch = task.batch(3, torch.Generator().manual_seed(7))
+    noise = batch["latent_noise"]
+    with torch.no_grad():
+        assert noise.shape == task.build_model().encoder(batch["images"]).shape     # the latent's shape
+    again = task.batch(3, torch.Generator().manual_seed(7))["latent_noise"]
+    assert torch.equal(noise, again)                         # from the step's generator only: resumable
+    # Each rank gets its slice of the same global draw.
+    halves = [DCAETask(cfg, tmp_path / "a", DistEnv(rank=r, world=2)) for r in (0, 1)]
+    for t in halves:
+        t.prepare()
+    parts = [t.batch(3, torch.Generator().manual_seed(7))["latent_noise"] for t in halves]
+    assert torch.equal(torch.cat(parts), noise)
+    # The loss decodes z + noise * rms(z), rms per image; the penalty and reconstruction terms as without noise.
+    torch.manual_seed(0)
+    model = task.build_model()
+    x = batch["images"]
+    with torch.no_grad():
+        z = model.encoder(x)
+        rms = z.flatten(1).norm(dim=1).div(z[0].numel() ** 0.5)[:, None, None, None]
+        err = model.decoder(z + noise * rms) - x
+        expected = err.abs().mean() + err.square().mean()
+        assert torch.allclose(task.loss(model, batch), expected, rtol=1e-6)
+        clean = model.decoder(z) - x
+        assert not torch.allclose(expected, clean.abs().mean() + clean.square().mean(), rtol=1e-3)
+    plain = DCAETask(config(data), tmp_path / "b", DistEnv())
+    plain.prepare()
+    assert "latent_noise" not in plain.batch(3, torch.Generator())
+    with pytest.raises(ValueError, match="options.latent_noise"):
+        config(data, {"latent_noise": -1.0})

@@ -30,10 +30,14 @@ def main() -> None:
     ap.add_argument("--scenes", type=int, default=2, help="random scenes rendered per prompt")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--batch", type=int, default=32)
+    ap.add_argument("--latent-noise", type=float, default=0.0,
+                    help="decode z + sigma * eps instead of z (z in the DiT's unit-variance scale): how much of a "
+                         "latent's imprecision the decoder tolerates, a proxy for the DiT's sample error")
     args = ap.parse_args()
 
     vae = load_dcae(args.vae).eval()
     rng = np.random.default_rng(args.seed)
+    g = torch.Generator().manual_seed(args.seed)
     prompts = prompt_set(held_out=True, seed=args.seed, per_category=args.per_category)
     jobs = [(p, render(scene_for(p, rng), args.size)) for p in prompts for _ in range(args.scenes)]
     start = time.perf_counter()
@@ -41,7 +45,9 @@ def main() -> None:
     with torch.no_grad():
         for i in range(0, len(jobs), args.batch):
             x = torch.from_numpy(np.stack([im for _, im in jobs[i:i + args.batch]])).permute(0, 3, 1, 2).float()
-            y = vae.decode(vae.encode(x / 127.5 - 1)).clamp(-1, 1)
+            z = vae.encode(x / 127.5 - 1)
+            z = z + args.latent_noise * torch.randn(z.shape, generator=g) if args.latent_noise else z
+            y = vae.decode(z).clamp(-1, 1)
             out = ((y + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy()
             mse = ((y + 1) / 2 - x / 255).square().flatten(1).mean(1).clamp_min(1e-10)
             psnrs += (-10 * torch.log10(mse)).tolist()
@@ -53,8 +59,9 @@ def main() -> None:
         r[0] += 1
         r[1] += check(p, detect(im))
         r[2] += check(p, detect(rec))
+    noise = f", latent noise sigma {args.latent_noise}" if args.latent_noise else ""
     print(f"{args.vae} at {args.size} px: {len(jobs)} held-out renders ({len(prompts)} prompts x {args.scenes} "
-          f"scenes, seed {args.seed}); encode+decode {len(jobs) / seconds:.1f} img/s\n")
+          f"scenes, seed {args.seed}{noise}); encode+decode {len(jobs) / seconds:.1f} img/s\n")
     print("| category | n | pass, originals | pass, reconstructions | ratio |")
     print("|---|---:|---:|---:|---:|")
     total = [0, 0, 0]

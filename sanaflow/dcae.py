@@ -379,4 +379,5 @@ class DCAE(nn.Module):
         if latent_noise is not None:
             rms = z.detach().float().square().mean((1, 2, 3), keepdim=True).sqrt()   # (B, 1, 1, 1)
             zd = z + (latent_noise * rms).to(z.dtype)
-        return (self.decoder(zd), z) if return_latent else self.decoder(zd)
+        recon = self.decoder(zd)
+        return (recon, z) if return_latent else recon

@@ -55,7 +55,7 @@ class DCAEOptions:
     # sigma ~ |N(0, latent_noise^2)| per image (0: off). The DiT's samples are never exact latents; a decoder that
     # has learned to map a neighbourhood of each latent to the clean image turns imprecise samples into crisp
     # shapes, and the encoder, trained through the noisy decoder, has to spread what it encodes over directions
-    # that survive noise. The same idea as the noise-augmented decoder of RAE (arXiv 2510.11690).
+    # that survive noise. The idea of RAE's noise-augmented decoder (arXiv 2510.11690; recalled, not checked here).
     latent_noise: float = 0.0
     stats_samples: int = 512             # training images whose latents set the scaling factor
     eval_samples: int = 64               # images held out of training, for the PSNR in ae_metrics.json
@@ -150,7 +150,7 @@ class DCAETask:
         out = {"images": to_signed(x.to(self.env.device))}                 # (b, 3, c, c), moved as uint8
         if self.opt.latent_noise:
             # Drawn for the whole global batch from the step's generator, then sliced, like the crop offsets.
-            n, (h, w) = len(idx), (s // f for s in x.shape[-2:])
+            n, h, w = len(idx), x.shape[-2] // f, x.shape[-1] // f
             sigma = torch.randn(n, 1, 1, 1, generator=g).abs() * self.opt.latent_noise
             eps = torch.randn(n, self.model_cfg.latent_channels, h, w, generator=g)
             out["latent_noise"] = self.env.local(sigma * eps).to(self.env.device)      # (b, C_lat, h, w)

@@ -128,8 +128,9 @@ def evaluate(model: Path | None, prompts_file: Path | None, split: str, per_cate
 
     report = evaluate_pipeline(generate_fn, prompts, images_per_prompt=images_per_prompt, seed=seed)
     write_report(report, out)
-    click.echo(f"overall {report.overall:.3f} ({len(prompts)} prompts x {images_per_prompt} images); "
-               f"report in {out}")
+    recall = report.item_recall()
+    click.echo(f"overall {report.overall:.3f} ({len(prompts)} prompts x {images_per_prompt} images); item recall "
+               f"{recall['shape']:.3f} by shape, {recall['shape_color']:.3f} by shape and colour; report in {out}")
 
 
 def _parse_set(items: tuple[str, ...]) -> dict:

@@ -238,6 +238,23 @@ def test_scene_for_meets_the_prompt_exactly():
         assert all(o.color in shapes.allowed_colors(scene.background) for o in scene.objects)
 
 
+def test_items_found_gives_partial_credit():
+    two = g.EvalPrompt("counting", "two stars", g.Requirement((g.Item("star", None, 2),), exact=True))
+    assert g.items_found(two, [_det("star", "red", .2, .2)]) == (0, 0)
+    assert g.items_found(two, [_det("star", "red", .2, .2), _det("star", "blue", .7, .7)]) == (1, 1)
+    left = g.EvalPrompt("position", "a red star to the left of a blue cross",
+                        g.Requirement((g.Item("star", "red"), g.Item("cross", "blue")), relation="left of"))
+    # wrong place: GenEval fails it, both items are still found
+    wrong_place = [_det("star", "red", .7, .5), _det("cross", "blue", .2, .5)]
+    assert not g.check(left, wrong_place) and g.items_found(left, wrong_place) == (2, 2)
+    # colours swapped: both shapes, neither colour; a missing cross: one shape
+    assert g.items_found(left, [_det("star", "blue", .2, .5), _det("cross", "red", .7, .5)]) == (2, 0)
+    assert g.items_found(left, [_det("star", "red", .2, .5), _det("circle", "blue", .7, .5)]) == (1, 1)
+    report = g.Report(tuple(g.ImageResult(left, i, False, tuple(d), np.zeros((1, 1, 3), np.uint8)) for i, d in
+                            enumerate([wrong_place, [_det("star", "blue", .2, .5)]])), 2)
+    assert report.item_recall() == {"shape": 3 / 4, "shape_color": 2 / 4}
+
+
 def test_report_counts_match_verdicts(tmp_path):
     prompts = g.prompt_set(False, seed=0, per_category=3)
     rng = np.random.default_rng(6)
@@ -256,6 +273,10 @@ def test_report_counts_match_verdicts(tmp_path):
         assert doc["categories"][cat]["passed"] == n
         assert doc["categories"][cat]["images"] == 6
     assert doc["overall"] == pytest.approx(np.mean([n / 6 for n in expected.values()]))
+    # a blank image finds none of its prompt's items, a render of the prompt all of them
+    items = {p: len(p.requirement.items) for p in prompts}
+    found = sum(items[p] * (1 + (k % 2 == 0)) for k, p in enumerate(prompts))
+    assert doc["item_recall"]["shape_color"] == pytest.approx(found / (2 * sum(items.values())))
     md = (tmp_path / "report.md").read_text()
     assert "2 images per prompt" in md
     for cat, n in expected.items():

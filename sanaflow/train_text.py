@@ -7,6 +7,11 @@
 Every caption of a training sample is one sequence `<bos> caption <eos>`: <bos> because TextEncoder always keeps
 position 0 (§3.4), <eos> so that the LM learns where captions stop. The last `holdout` fraction of samples (reader
 order) is kept out of the tokenizer and the LM; `run/text_metrics.json` reports the next-token loss on it.
+
+`options.pair_captions` (an experiment, in no preset) makes each sequence two captions of one sample,
+`<bos> A <eos> B <eos>`: predicting B, another phrasing in another word order, needs the scene A describes, in
+the hope that A's hidden states (what the DiT reads) then carry which colour and place belong to which shape more
+loudly. benchmarks/text_binding.py found them no louder (docs/bundled-model.md, sixth round).
 """
 from __future__ import annotations
 
@@ -128,6 +133,7 @@ class TextTask:
         max_tokens: int = 64       # training length incl. <bos> and <eos>; longer captions are cut (and counted)
         holdout: float = 0.05      # last fraction of samples kept out of training, for text_metrics.json
         lowercase: bool = TextConfig().lowercase   # must match the TextConfig the encoder is used with (§3.2)
+        pair_captions: bool = False   # sequences of two captions of one sample, `<bos> A <eos> B <eos>` (see above)
 
         def __post_init__(self):
             for name in ("vocab_size", "max_tokens"):
@@ -170,7 +176,12 @@ class TextTask:
         self.tokenizer = AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
         self.ids, self.lengths, cut = tokenize(self.tokenizer, fit, self.opt.max_tokens)
         self.held_ids, self.held_lengths, _ = tokenize(self.tokenizer, held, self.opt.max_tokens)
-        self.order = BatchOrder({"text": torch.arange(len(fit))}, self.cfg.batch_size, self.cfg.seed)
+        if self.opt.pair_captions:        # batches of samples; sample i owns captions first[i] .. first[i + 1] - 1
+            counts = torch.tensor([len(s) for s in samples[:len(samples) - n_held]])
+            self.first = torch.cat([torch.zeros(1, dtype=torch.long), counts.cumsum(0)])
+            self.order = BatchOrder({"text": torch.arange(len(counts))}, self.cfg.batch_size, self.cfg.seed)
+        else:
+            self.order = BatchOrder({"text": torch.arange(len(fit))}, self.cfg.batch_size, self.cfg.seed)
         return {"reader": reader, "samples": len(samples), "train_captions": len(fit), "heldout_captions": len(held),
                 "vocab_size": len(self.tokenizer), "truncated_captions": cut, "skipped": skipped}
 
@@ -184,12 +195,30 @@ class TextTask:
         return Gemma2ForCausalLM(config)
 
     def batch(self, step: int, g: torch.Generator) -> dict[str, Tensor]:
-        # No randomness: every caption is its own sequence and BatchOrder picks them; `g` is unused.
+        # Single captions: no randomness, every caption is its own sequence and BatchOrder picks them.
         _, idx = self.order(step)
-        ids, mask = padded(self.ids[idx], self.lengths[idx])   # (B, L) each, L = longest in the global batch
+        if self.opt.pair_captions:
+            ids, lengths = self.pairs(idx, g)
+        else:
+            ids, lengths = self.ids[idx], self.lengths[idx]
+        ids, mask = padded(ids, lengths)                       # (B, L) each, L = longest in the global batch
         targets = mask[:, 1:].sum()                            # predicted tokens of the whole global batch
         return {"ids": self.env.local(ids).to(self.env.device), "mask": self.env.local(mask).to(self.env.device),
                 "targets": targets.to(self.env.device)}
+
+    def pairs(self, samples: Tensor, g: torch.Generator) -> tuple[Tensor, Tensor]:
+        """`<bos> A <eos> B <eos>` for each sample: A uniform among its captions, B uniform among the others
+        (A again if it has one caption). -> (B, 2 max_tokens - 1) ids, (B,) lengths."""
+        first, n = self.first[samples], self.first[samples + 1] - self.first[samples]          # (B,) each
+        a = first + (torch.rand(len(samples), generator=g) * n).long().clamp(max=n - 1)
+        other = (torch.rand(len(samples), generator=g) * (n - 1)).long().clamp(max=(n - 2).clamp(min=0))
+        b = torch.where(n > 1, first + (a - first + 1 + other) % n, a)       # any caption but A, uniformly
+        la, lb = self.lengths[a], self.lengths[b]
+        ids = torch.full((len(samples), 2 * self.ids.shape[1] - 1), self.tokenizer.pad_token_id, dtype=self.ids.dtype)
+        for i in range(len(samples)):                                        # B without its <bos>
+            ids[i, :la[i]] = self.ids[a[i], :la[i]]
+            ids[i, la[i]:la[i] + lb[i] - 1] = self.ids[b[i], 1:lb[i]]
+        return ids, la + lb - 1
 
     def loss(self, model: nn.Module, batch: dict[str, Tensor]) -> Tensor:
         # A plain mean over this rank's tokens would make DDP's average a mean of per-rank means, which weighs

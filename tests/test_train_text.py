@@ -145,6 +145,39 @@ def test_two_ranks_see_and_average_to_what_one_process_sees(data_dir, tmp_path):
     torch.testing.assert_close(whole_loss, nll / count)
 
 
+def test_paired_sequences_are_two_different_captions_of_one_sample(data_dir, tmp_path):
+    """options.pair_captions: `<bos> A <eos> B <eos>`, A and B two distinct captions of the same sample, drawn
+    from the step's generator (same generator state, same batch); the two ranks split it as for single captions."""
+    task = TextTask(text_config(data_dir, options={"pair_captions": True, "max_tokens": 128}), tmp_path, DistEnv())
+    task.prepare()
+    tok = task.tokenizer
+    samples = [[c["text"].lower().strip() for c in meta["captions"]] for _, meta in shapes.samples(200, 32)]
+    fit = samples[:len(samples) - max(1, round(0.05 * len(samples)))]
+    owners: dict[str, set[int]] = {}                      # short captions ("three circles") recur across scenes
+    for i, caps in enumerate(fit):
+        for c in caps:
+            owners.setdefault(c, set()).add(i)
+    batch = task.batch(3, torch.Generator().manual_seed(1))
+    again = task.batch(3, torch.Generator().manual_seed(1))
+    assert torch.equal(batch["ids"], again["ids"])
+    bos, eos = tok.bos_token_id, tok.eos_token_id
+    seen_two = 0
+    for ids, mask in zip(batch["ids"], batch["mask"]):
+        row = ids[mask.bool()].tolist()
+        assert row[0] == bos and row[-1] == eos and bos not in row[1:] and row.count(eos) == 2
+        cut = row.index(eos)
+        a, b = tok.decode(row[1:cut]), tok.decode(row[cut + 1:-1])
+        assert owners[a] & owners[b]                      # captions of one scene
+        if a != b:
+            seen_two += 1
+    assert seen_two == len(batch["ids"])                  # every shapes scene has several distinct captions
+    parts = []
+    for rank in range(2):
+        task.env = DistEnv(rank=rank, world=2)
+        parts.append(task.batch(3, torch.Generator().manual_seed(1)))
+    assert torch.equal(torch.cat([p["ids"] for p in parts]), batch["ids"])
+
+
 def test_rerun_reuses_the_tokenizer_and_refuses_a_different_recipe(data_dir, tmp_path):
     TextTask(text_config(data_dir), tmp_path, DistEnv()).prepare()
     first = (tmp_path / "tokenizer" / "tokenizer.json").read_bytes()

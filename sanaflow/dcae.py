@@ -367,17 +367,22 @@ class DCAE(nn.Module):
         x = self.decoder(F.pad(z / self.cfg.scaling_factor, (m, m, m, m), mode="replicate"))  # (B, 3, (h+2m) f, ...)
         return x[..., f:-f, f:-f]                                           # (B, 3, h f, w f)
 
-    def forward(self, x: Tensor, return_latent: bool = False,
-                latent_noise: Tensor | None = None) -> Tensor | tuple[Tensor, Tensor]:
+    def forward(self, x: Tensor, return_latent: bool = False, latent_noise: Tensor | None = None,
+                mix: Tensor | None = None) -> Tensor | tuple[Tensor, Tensor]:
         """Reconstruction for autoencoder training; the scaling factor cancels, so it is not applied. With
         return_latent, also the unscaled latent (for a penalty on it; DDP only sees calls of forward).
 
         latent_noise (shaped like the latent, drawn by the caller) is added to the latent before decoding, in units
-        of each image's latent RMS (detached, so the encoder cannot shrink the noise by growing the latent)."""
+        of each image's latent RMS (detached, so the encoder cannot shrink the noise by growing the latent).
+        mix (B,) in [0, 1]: also decode the blends mix z_i + (1 - mix) z_(i-1) of each latent with the previous
+        one in the batch, in the same decoder call; the reconstruction then has 2B images, the blends last."""
         z = self.encoder(x)
         zd = z
         if latent_noise is not None:
             rms = z.detach().float().square().mean((1, 2, 3), keepdim=True).sqrt()   # (B, 1, 1, 1)
             zd = z + (latent_noise * rms).to(z.dtype)
+        if mix is not None:
+            a = mix.to(z.dtype)[:, None, None, None]
+            zd = torch.cat([zd, a * z + (1 - a) * z.roll(1, 0)])                      # (2B, C, h, w)
         recon = self.decoder(zd)
         return (recon, z) if return_latent else recon

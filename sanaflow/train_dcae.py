@@ -57,6 +57,11 @@ class DCAEOptions:
     # shapes, and the encoder, trained through the noisy decoder, has to spread what it encodes over directions
     # that survive noise. The idea of RAE's noise-augmented decoder (arXiv 2510.11690; recalled, not checked here).
     latent_noise: float = 0.0
+    # Weight of a loss on decoded latent blends: each image's latent is mixed with its neighbour's in the batch,
+    # a z_i + (1 - a) z_j with a ~ U(0, 1) per image, and the decoder must give a x_i + (1 - a) x_j (0: off). The
+    # DiT's predictions at high noise are such blends; without this the decoder renders half an object's latent
+    # offset as no object at all (benchmarks/ae_interpolation.py, docs/bundled-model.md sixth round).
+    latent_mix: float = 0.0
     stats_samples: int = 512             # training images whose latents set the scaling factor
     eval_samples: int = 64               # images held out of training, for the PSNR in ae_metrics.json
 
@@ -67,8 +72,9 @@ class DCAEOptions:
             raise ValueError(f"options.l1={self.l1}, options.l2={self.l2}: must be >= 0, finite, not both 0")
         if not (self.latent_l2 >= 0 and math.isfinite(self.latent_l2)):
             raise ValueError(f"options.latent_l2={self.latent_l2}: must be >= 0 and finite")
-        if not (self.latent_noise >= 0 and math.isfinite(self.latent_noise)):
-            raise ValueError(f"options.latent_noise={self.latent_noise}: must be >= 0 and finite")
+        for name in ("latent_noise", "latent_mix"):
+            if not (getattr(self, name) >= 0 and math.isfinite(getattr(self, name))):
+                raise ValueError(f"options.{name}={getattr(self, name)}: must be >= 0 and finite")
         if not 0 <= self.crop <= self.resolution:
             raise ValueError(f"options.crop={self.crop}: must be in [0, options.resolution={self.resolution}]")
         if self.stats_samples < 1 or self.eval_samples < 0:
@@ -154,14 +160,23 @@ class DCAETask:
             sigma = torch.randn(n, 1, 1, 1, generator=g).abs() * self.opt.latent_noise
             eps = torch.randn(n, self.model_cfg.latent_channels, h, w, generator=g)
             out["latent_noise"] = self.env.local(sigma * eps).to(self.env.device)      # (b, C_lat, h, w)
+        if self.opt.latent_mix:
+            # One weight per image of the global batch, sliced like the rest; the partner is the next image of
+            # the same rank's share, so no latent crosses processes.
+            out["mix"] = self.env.local(torch.rand(len(idx), generator=g)).to(self.env.device)   # (b,)
         return out
 
     def loss(self, model: nn.Module, batch: dict[str, Tensor]) -> Tensor:
         x = batch["images"]
         # Dec(Enc(x) [+ noise]) and Enc(x), no scaling (dcae.DCAE)
-        recon, z = model(x, return_latent=True, latent_noise=batch.get("latent_noise"))
-        err = recon.float() - x
+        mix = batch.get("mix")
+        recon, z = model(x, return_latent=True, latent_noise=batch.get("latent_noise"), mix=mix)
+        err = recon[:len(x)].float() - x
         loss = self.opt.l1 * err.abs().mean() + self.opt.l2 * err.square().mean()
+        if mix is not None:
+            a = mix[:, None, None, None]
+            err = recon[len(x):].float() - (a * x + (1 - a) * x.roll(1, 0))     # the blend of the two images
+            loss = loss + self.opt.latent_mix * (self.opt.l1 * err.abs().mean() + self.opt.l2 * err.square().mean())
         return loss + self.opt.latent_l2 * z.float().square().mean() if self.opt.latent_l2 else loss
 
     # ----------------------------------------------------------------------------------------------- export

@@ -262,3 +262,36 @@ def test_latent_noise_is_relative_to_the_latent_rms_drawn_per_step_and_split_acr
     assert "latent_noise" not in plain.batch(3, torch.Generator())
     with pytest.raises(ValueError, match="options.latent_noise"):
         config(data, {"latent_noise": -1.0})
+
+
+def test_latent_mix_decodes_blends_of_neighbouring_latents_against_blended_images(data, tmp_path):
+    cfg = config(data, {"latent_mix": 0.5})
+    task = DCAETask(cfg, tmp_path / "a", DistEnv())
+    task.prepare()
+    batch = task.batch(2, torch.Generator().manual_seed(3))
+    a = batch["mix"]
+    assert a.shape == (len(batch["images"]),) and (a >= 0).all() and (a <= 1).all() and a.std() > 0
+    assert torch.equal(a, task.batch(2, torch.Generator().manual_seed(3))["mix"])      # resumable
+    halves = [DCAETask(cfg, tmp_path / "a", DistEnv(rank=r, world=2)) for r in (0, 1)]
+    for t in halves:
+        t.prepare()
+    assert torch.equal(torch.cat([t.batch(2, torch.Generator().manual_seed(3))["mix"] for t in halves]), a)
+    torch.manual_seed(0)
+    model = task.build_model()
+    x = batch["images"]
+    with torch.no_grad():
+        z = model.encoder(x)
+        rec = model.decoder(z) - x
+        w = a[:, None, None, None]
+        prev = torch.cat([x[-1:], x[:-1]])                   # image i is blended with image i - 1
+        blend = model.decoder(w * z + (1 - w) * torch.cat([z[-1:], z[:-1]])) - (w * x + (1 - w) * prev)
+        expected = rec.abs().mean() + rec.square().mean() + 0.5 * (blend.abs().mean() + blend.square().mean())
+        assert torch.allclose(task.loss(model, batch), expected, rtol=1e-5)
+        # with every weight at 1 the blends are the reconstructions themselves: the loss is 1.5x the plain one
+        ones = {**batch, "mix": torch.ones_like(a)}
+        assert torch.allclose(task.loss(model, ones), 1.5 * (rec.abs().mean() + rec.square().mean()), rtol=1e-5)
+    plain = DCAETask(config(data), tmp_path / "b", DistEnv())
+    plain.prepare()
+    assert "mix" not in plain.batch(2, torch.Generator())
+    with pytest.raises(ValueError, match="options.latent_mix"):
+        config(data, {"latent_mix": float("nan")})

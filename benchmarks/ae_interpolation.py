@@ -3,8 +3,7 @@
     python benchmarks/ae_interpolation.py --vae runs/shapes-dcae/model [--out docs/latent_interpolation.png]
 
 For single objects on a plain background (every shape, three colours the data set paints on that background, large
-and small, at the centre), the latent
-z_bg + a (z_obj - z_bg) is decoded for a = 0, 0.25, 0.5, 0.75, 1. "Visible" is the part of the object that comes
+and small, at the centre), the latent z_bg + a (z_obj - z_bg) is decoded for a = 0, 0.25, 0.5, 0.75, 1. "Visible" is the part of the object that comes
 back: the mean of |decoded - background| over the object's pixels, divided by the same for the object's own
 render. Blending the two images (pixel space) gives exactly a. A diffusion model's early predictions are averages
 of latents; if an average of "object" and "no object" decodes to no object, its samples start from empty backgrounds
@@ -44,16 +43,14 @@ def main() -> None:
     background = render(Scene(args.background, ()), args.size)
     todo = cases(args.background)
     objects = [render(Scene(args.background, (ShapeObject(s, c, z, 0.5, 0.5),)), args.size) for s, c, z in todo]
-    z_bg = vae.encode(to_tensor([background]))                                              # (1, C, h, w)
-    z_obj = torch.cat([vae.encode(to_tensor(objects[i:i + 16])) for i in range(0, len(objects), 16)])
-    bg = to_tensor([background])
-    obj = to_tensor(objects)
+    bg, obj = to_tensor([background]), to_tensor(objects)                                  # (1, 3, H, W), (B, ...)
+    z_bg = vae.encode(bg)                                                                   # (1, C, h, w)
+    z_obj = torch.cat([vae.encode(o) for o in obj.split(16)])
     mask = (obj - bg).abs().amax(1) > 0.05                                                  # (B, H, W) object pixels
     full = ((obj - bg).abs().mean(1) * mask).sum((1, 2))                                   # (B,)
     visible, rows = [], []
     for a in ALPHAS:
-        dec = torch.cat([vae.decode(z_bg + a * (z_obj[i:i + 16] - z_bg)) for i in range(0, len(z_obj), 16)])
-        dec = dec.clamp(-1, 1)
+        dec = torch.cat([vae.decode(z_bg + a * (z - z_bg)) for z in z_obj.split(16)]).clamp(-1, 1)
         visible.append(((dec - bg).abs().mean(1) * mask).sum((1, 2)) / full)             # (B,)
         rows.append(dec[0])
     colors = ", ".join(allowed_colors(args.background)[:3])

@@ -56,7 +56,7 @@ def measure(folder: Path, n: int, fit: int, seed: int) -> dict[str, tuple[float,
     first, last = [], []
     for i in range(0, n, 200):
         emb, mask = enc.encode(captions[i:i + 200])                               # (b, N, D), (b, N)
-        for j, caption in enumerate(captions[i:i + 200]):
+        for j in range(len(emb)):
             c1, _, s1, _, _ = rows[i + j]
             k = len(enc.tokenizer(f"a {c1} {s1}").input_ids) - 1                  # last token of the first shape
             first.append(emb[j, k].float())

@@ -650,7 +650,7 @@ def write_report(report: Report, out_dir: str | Path, grid_prompts_per_category:
     out.mkdir(parents=True, exist_ok=True)
     scores, recall = report.category_scores(), report.item_recall()
     doc = {"images_per_prompt": report.images_per_prompt, "overall": report.overall,
-           "image_accuracy": report.image_accuracy, "item_recall": report.item_recall(), "categories": scores,
+           "image_accuracy": report.image_accuracy, "item_recall": recall, "categories": scores,
            "results": [{"category": r.prompt.category, "text": r.prompt.text, "image": r.index, "passed": r.passed,
                         "detections": [_detection_json(d) for d in r.detections]} for r in report.results]}
     (out / "report.json").write_text(json.dumps(doc, indent=1))

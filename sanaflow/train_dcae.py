@@ -161,22 +161,24 @@ class DCAETask:
             eps = torch.randn(n, self.model_cfg.latent_channels, h, w, generator=g)
             out["latent_noise"] = self.env.local(sigma * eps).to(self.env.device)      # (b, C_lat, h, w)
         if self.opt.latent_mix:
-            # One weight per image of the global batch, sliced like the rest; the partner is the next image of
-            # the same rank's share, so no latent crosses processes.
+            # One weight per image of the global batch, sliced like the rest; image i's partner is image i - 1 of
+            # the same rank's share (DCAE.forward), so no latent crosses processes.
             out["mix"] = self.env.local(torch.rand(len(idx), generator=g)).to(self.env.device)   # (b,)
         return out
+
+    def pixel_loss(self, x_hat: Tensor, x: Tensor) -> Tensor:
+        err = x_hat.float() - x
+        return self.opt.l1 * err.abs().mean() + self.opt.l2 * err.square().mean()
 
     def loss(self, model: nn.Module, batch: dict[str, Tensor]) -> Tensor:
         x = batch["images"]
         # Dec(Enc(x) [+ noise]) and Enc(x), no scaling (dcae.DCAE)
         mix = batch.get("mix")
         recon, z = model(x, return_latent=True, latent_noise=batch.get("latent_noise"), mix=mix)
-        err = recon[:len(x)].float() - x
-        loss = self.opt.l1 * err.abs().mean() + self.opt.l2 * err.square().mean()
+        loss = self.pixel_loss(recon[:len(x)], x)
         if mix is not None:
             a = mix[:, None, None, None]
-            err = recon[len(x):].float() - (a * x + (1 - a) * x.roll(1, 0))     # the blend of the two images
-            loss = loss + self.opt.latent_mix * (self.opt.l1 * err.abs().mean() + self.opt.l2 * err.square().mean())
+            loss = loss + self.opt.latent_mix * self.pixel_loss(recon[len(x):], a * x + (1 - a) * x.roll(1, 0))
         return loss + self.opt.latent_l2 * z.float().square().mean() if self.opt.latent_l2 else loss
 
     # ----------------------------------------------------------------------------------------------- export

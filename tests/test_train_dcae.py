@@ -106,18 +106,24 @@ def test_cache_is_reused_and_rebuilt_when_the_data_or_resolution_change(data, tm
     torch.testing.assert_close(task.images.float() / 127.5 - 1, images(range(N), seed=2), rtol=0, atol=1e-6)
 
 
+def two_ranks(task: DCAETask, step: int, key: str, seed: int = 0) -> torch.Tensor:
+    """batch(step)[key] of the 2 ranks of a 2-process run, concatenated (the task's own env is put back)."""
+    env, parts = task.env, []
+    for rank in range(2):                 # after prepare: its barrier would need a process group
+        task.env = DistEnv(rank=rank, world=2)
+        parts.append(task.batch(step, torch.Generator().manual_seed(seed))[key])
+    task.env = env
+    return torch.cat(parts)
+
+
 def test_batches_never_hold_out_images_and_split_across_ranks(data, tmp_path):
     task = DCAETask(config(data), tmp_path, DistEnv())
     task.prepare()
     steps = range(3 * task.order.per_epoch)
     seen = torch.cat([task.order(s)[1] for s in steps])
     assert seen.max().item() < N - N_EVAL and len(set(seen.tolist())) == N - N_EVAL
-    whole = task.batch(7, torch.Generator())["images"]
-    parts = []
-    for rank in range(2):                                     # each of 2 processes takes its half of the batch
-        task.env = DistEnv(rank=rank, world=2)
-        parts.append(task.batch(7, torch.Generator())["images"])
-    assert torch.equal(torch.cat(parts), whole)
+    whole = task.batch(7, torch.Generator().manual_seed(0))["images"]
+    assert torch.equal(two_ranks(task, 7, "images"), whole)  # each of 2 processes takes its half of the batch
 
 
 def test_crops_are_windows_of_the_cached_images_on_the_latent_grid(data, tmp_path):
@@ -140,11 +146,7 @@ def test_crops_are_windows_of_the_cached_images_on_the_latent_grid(data, tmp_pat
     assert len(offsets) > 1                                   # offsets vary across the batch
     # Same step and generator state: same crops; each of 2 ranks gets its half of them.
     assert torch.equal(task.batch(5, torch.Generator().manual_seed(3))["images"], crops)
-    parts = []
-    for rank in range(2):
-        task.env = DistEnv(rank=rank, world=2)
-        parts.append(task.batch(5, torch.Generator().manual_seed(3))["images"])
-    assert torch.equal(torch.cat(parts), crops)
+    assert torch.equal(two_ranks(task, 5, "images", seed=3), crops)
     with pytest.raises(ValueError, match="options.crop=15"):
         DCAETask(config(data, options={"crop": 15}), tmp_path, DistEnv())
     with pytest.raises(ValueError, match="options.crop=64"):
@@ -240,11 +242,7 @@ def test_latent_noise_is_relative_to_the_latent_rms_drawn_per_step_and_split_acr
     again = task.batch(3, torch.Generator().manual_seed(7))["latent_noise"]
     assert torch.equal(noise, again)                         # from the step's generator only: resumable
     # Each rank gets its slice of the same global draw.
-    halves = [DCAETask(cfg, tmp_path / "a", DistEnv(rank=r, world=2)) for r in (0, 1)]
-    for t in halves:
-        t.prepare()
-    parts = [t.batch(3, torch.Generator().manual_seed(7))["latent_noise"] for t in halves]
-    assert torch.equal(torch.cat(parts), noise)
+    assert torch.equal(two_ranks(task, 3, "latent_noise", seed=7), noise)
     # The loss decodes z + noise * rms(z), rms per image; the penalty and reconstruction terms as without noise.
     torch.manual_seed(0)
     model = task.build_model()
@@ -272,10 +270,7 @@ def test_latent_mix_decodes_blends_of_neighbouring_latents_against_blended_image
     a = batch["mix"]
     assert a.shape == (len(batch["images"]),) and (a >= 0).all() and (a <= 1).all() and a.std() > 0
     assert torch.equal(a, task.batch(2, torch.Generator().manual_seed(3))["mix"])      # resumable
-    halves = [DCAETask(cfg, tmp_path / "a", DistEnv(rank=r, world=2)) for r in (0, 1)]
-    for t in halves:
-        t.prepare()
-    assert torch.equal(torch.cat([t.batch(2, torch.Generator().manual_seed(3))["mix"] for t in halves]), a)
+    assert torch.equal(two_ranks(task, 2, "mix", seed=3), a)
     torch.manual_seed(0)
     model = task.build_model()
     x = batch["images"]

@@ -7,6 +7,10 @@ reconstructions, their ratio (issue target: >= 0.97), and PSNR (target: >= 30 dB
 
     python benchmarks/ae_eval.py --vae runs/shapes-dcae/model --size 128
     python benchmarks/ae_eval.py --vae sanaflow/assets/model/vae --size 128 --per-category 20 --scenes 1
+    python benchmarks/ae_eval.py --vae runs/shapes-dcae-s/model --size 256 --keep-channels 8
+
+--keep-channels C decodes from the latent's first C channels only, the rest zeroed: what the front channels of a
+structured latent (DCAEOptions.keep_channels, DC-AE 1.5) carry on their own.
 """
 from __future__ import annotations
 
@@ -33,6 +37,8 @@ def main() -> None:
     ap.add_argument("--latent-noise", type=float, default=0.0,
                     help="decode z + sigma * eps instead of z (z in the DiT's unit-variance scale): how much of a "
                          "latent's imprecision the decoder tolerates, a proxy for the DiT's sample error")
+    ap.add_argument("--keep-channels", type=int, default=0,
+                    help="decode from the latent's first C channels only, the others zeroed (0: all)")
     args = ap.parse_args()
 
     vae = load_dcae(args.vae).eval()
@@ -47,6 +53,8 @@ def main() -> None:
             x = torch.from_numpy(np.stack([im for _, im in jobs[i:i + args.batch]])).permute(0, 3, 1, 2).float()
             z = vae.encode(x / 127.5 - 1)
             z = z + args.latent_noise * torch.randn(z.shape, generator=g) if args.latent_noise else z
+            if args.keep_channels:
+                z[:, args.keep_channels:] = 0
             y = vae.decode(z).clamp(-1, 1)
             out = ((y + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy()
             mse = ((y + 1) / 2 - x / 255).square().flatten(1).mean(1).clamp_min(1e-10)
@@ -60,6 +68,7 @@ def main() -> None:
         r[1] += check(p, detect(im))
         r[2] += check(p, detect(rec))
     noise = f", latent noise sigma {args.latent_noise}" if args.latent_noise else ""
+    noise += f", decoded from the first {args.keep_channels} channels" if args.keep_channels else ""
     print(f"{args.vae} at {args.size} px: {len(jobs)} held-out renders ({len(prompts)} prompts x {args.scenes} "
           f"scenes, seed {args.seed}{noise}); encode+decode {len(jobs) / seconds:.1f} img/s\n")
     print("| category | n | pass, originals | pass, reconstructions | ratio |")

@@ -368,19 +368,24 @@ class DCAE(nn.Module):
         return x[..., f:-f, f:-f]                                           # (B, 3, h f, w f)
 
     def forward(self, x: Tensor, return_latent: bool = False, latent_noise: Tensor | None = None,
-                mix: Tensor | None = None) -> Tensor | tuple[Tensor, Tensor]:
+                mix: Tensor | None = None, keep: Tensor | None = None) -> Tensor | tuple[Tensor, Tensor]:
         """Reconstruction for autoencoder training; the scaling factor cancels, so it is not applied. With
         return_latent, also the unscaled latent (for a penalty on it; DDP only sees calls of forward).
 
         latent_noise (shaped like the latent, drawn by the caller) is added to the latent before decoding, in units
         of each image's latent RMS (detached, so the encoder cannot shrink the noise by growing the latent).
         mix (B,) in [0, 1]: also decode the blends mix z_i + (1 - mix) z_(i-1) of each latent with the previous
-        one in the batch, in the same decoder call; the reconstruction then has 2B images, the blends last."""
+        one in the batch, in the same decoder call; the reconstruction then has 2B images, the blends last.
+        keep (B,) ints: decode image i from its first keep[i] latent channels, the others zeroed (DC-AE 1.5's
+        structured latent; the blends are decoded whole)."""
         z = self.encoder(x)
         zd = z
         if latent_noise is not None:
             rms = z.detach().float().square().mean((1, 2, 3), keepdim=True).sqrt()   # (B, 1, 1, 1)
             zd = z + (latent_noise * rms).to(z.dtype)
+        if keep is not None:
+            channel = torch.arange(z.shape[1], device=z.device)
+            zd = zd * (channel[None, :] < keep[:, None]).to(z.dtype)[:, :, None, None]   # (B, C, 1, 1) mask
         if mix is not None:
             a = mix.to(z.dtype)[:, None, None, None]
             zd = torch.cat([zd, a * z + (1 - a) * z.roll(1, 0)])                      # (2B, C, h, w)

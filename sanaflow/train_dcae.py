@@ -62,10 +62,18 @@ class DCAEOptions:
     # DiT's predictions at high noise are such blends; without this the decoder renders half an object's latent
     # offset as no object at all (benchmarks/ae_interpolation.py, docs/bundled-model.md sixth round).
     latent_mix: float = 0.0
+    # Structured latent space (DC-AE 1.5, arXiv 2508.00413): each image's latent is decoded from its first c
+    # channels only, the rest zeroed, with c drawn per image uniformly from this list (empty: off; repeat the full
+    # count to decode whole latents more often). The front channels then have to carry the image's layout alone
+    # and the later ones only add detail, which is what a DiT must settle first at high noise.
+    keep_channels: tuple[int, ...] = ()
     stats_samples: int = 512             # training images whose latents set the scaling factor
     eval_samples: int = 64               # images held out of training, for the PSNR in ae_metrics.json
 
     def __post_init__(self):
+        object.__setattr__(self, "keep_channels", tuple(self.keep_channels))       # JSON gives a list
+        if not all(isinstance(c, int) and not isinstance(c, bool) and c >= 1 for c in self.keep_channels):
+            raise ValueError(f"options.keep_channels={list(self.keep_channels)}: must be channel counts >= 1")
         if isinstance(self.resolution, bool) or not isinstance(self.resolution, int) or self.resolution < 1:
             raise ValueError(f"options.resolution={self.resolution!r}: must be a positive int")
         if not (self.l1 >= 0 and self.l2 >= 0 and self.l1 + self.l2 > 0 and math.isfinite(self.l1 + self.l2)):
@@ -104,6 +112,9 @@ class DCAETask:
             if getattr(self.opt, name) % f:
                 raise ValueError(f"options.{name}={getattr(self.opt, name)}: must be a multiple of the DC-AE's "
                                  f"compression {f}")
+        if any(c > self.model_cfg.latent_channels for c in self.opt.keep_channels):
+            raise ValueError(f"options.keep_channels={list(self.opt.keep_channels)}: the model has "
+                             f"{self.model_cfg.latent_channels} latent channels")
 
     # ------------------------------------------------------------------------------------------------- data
 
@@ -164,6 +175,10 @@ class DCAETask:
             # One weight per image of the global batch, sliced like the rest; image i's partner is image i - 1 of
             # the same rank's share (DCAE.forward), so no latent crosses processes.
             out["mix"] = self.env.local(torch.rand(len(idx), generator=g)).to(self.env.device)   # (b,)
+        if self.opt.keep_channels:
+            choice = torch.randint(0, len(self.opt.keep_channels), (len(idx),), generator=g)
+            keep = torch.tensor(self.opt.keep_channels)[choice]                        # (b,) channel counts
+            out["keep"] = self.env.local(keep).to(self.env.device)
         return out
 
     def pixel_loss(self, x_hat: Tensor, x: Tensor) -> Tensor:
@@ -174,7 +189,8 @@ class DCAETask:
         x = batch["images"]
         # Dec(Enc(x) [+ noise]) and Enc(x), no scaling (dcae.DCAE)
         mix = batch.get("mix")
-        recon, z = model(x, return_latent=True, latent_noise=batch.get("latent_noise"), mix=mix)
+        recon, z = model(x, return_latent=True, latent_noise=batch.get("latent_noise"), mix=mix,
+                         keep=batch.get("keep"))
         loss = self.pixel_loss(recon[:len(x)], x)
         if mix is not None:
             a = mix[:, None, None, None]

@@ -46,8 +46,15 @@ class DiTOptions:
     captions_per_image: int = 0          # cache at most this many captions per image (best first); 0 = all
     encode_batch: int = 32               # images / captions per frozen-encoder call while caching
     y_norm_init: float = 0.01            # initial scale of the caption RMSNorm (§2.3; DiT.init_weights)
+    # Augmented diffusion training (DC-AE 1.5, arXiv 2508.00413), for autoencoders trained with a structured
+    # latent (DCAEOptions.keep_channels): each image's loss covers only its first c latent channels, c drawn
+    # uniformly from this list (empty: all channels). The front channels, which hold the layout, then weigh more.
+    loss_channels: tuple[int, ...] = ()
 
     def __post_init__(self):
+        object.__setattr__(self, "loss_channels", tuple(self.loss_channels))       # JSON gives a list
+        if not all(isinstance(c, int) and not isinstance(c, bool) and c >= 1 for c in self.loss_channels):
+            raise ValueError(f"options.loss_channels={list(self.loss_channels)}: must be channel counts >= 1")
         if self.caption_rule not in ("clipscore", "softmax", "uniform", "best"):
             raise ValueError(f"options.caption_rule={self.caption_rule!r}: one of clipscore, softmax, uniform, best")
         if not 0 <= self.caption_dropout < 1:
@@ -84,6 +91,9 @@ class DiTTask:
     def __init__(self, cfg: TrainConfig, run: Path, env: DistEnv):
         self.cfg, self.opt, self.run, self.env = cfg, cfg.options, Path(run), env
         self.model_cfg = model_config(cfg.model, DIT_PRESETS, DiTConfig)
+        if any(c > self.model_cfg.in_channels for c in self.opt.loss_channels):
+            raise ValueError(f"options.loss_channels={list(self.opt.loss_channels)}: the DiT has "
+                             f"{self.model_cfg.in_channels} latent channels")
 
     # ------------------------------------------------------------------------------------------------- data
 
@@ -237,6 +247,9 @@ class DiTTask:
         length = int(mask.sum(1).max())
         text, mask = text[:, :length], mask[:, :length]
         batch = {"x0": d["latents"][idx][:, :, :h, :w], "noise": noise, "t": t, "text": text, "mask": mask}
+        if o.loss_channels:
+            choice = torch.randint(0, len(o.loss_channels), (b,), generator=g)
+            batch["loss_channels"] = torch.tensor(o.loss_channels)[choice]             # (b,) channel counts
         return {k: self.env.local(v).to(self.env.device) for k, v in batch.items()}
 
     def loss(self, model: nn.Module, batch: dict[str, Tensor]) -> Tensor:
@@ -244,7 +257,13 @@ class DiTTask:
         x_t = flow_path(batch["x0"], batch["noise"], t)
         timestep = network_time(t, self.opt.discrete_time)                   # floor(1000 t) on SANA's grid (§4.2)
         v = model(x_t, timestep, batch["text"], batch["mask"])
-        return F.mse_loss(v.float(), velocity_target(batch["x0"], batch["noise"]))    # plain MSE (§4.3)
+        target = velocity_target(batch["x0"], batch["noise"])
+        if "loss_channels" not in batch:
+            return F.mse_loss(v.float(), target)                                       # plain MSE (§4.3)
+        c = batch["loss_channels"]
+        kept = (torch.arange(v.shape[1], device=v.device)[None] < c[:, None]).float()    # (b, C)
+        err = (v.float() - target).square().mean((2, 3))                                 # (b, C)
+        return ((err * kept).sum(1) / c).mean()            # each image: the MSE of its first c channels
 
     def export(self, model: nn.Module, folder: Path) -> None:
         from .hub import save_dit

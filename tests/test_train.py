@@ -436,3 +436,31 @@ def test_cached_caption_embeddings_equal_the_pipelines_encoding(frozen, tmp_path
     keep = cached_mask[..., None].bool()
     torch.testing.assert_close(cached * keep, (text[:, :n] * keep).half().float(), atol=1e-3, rtol=1e-3)
     assert len({int(m.sum()) for m in cached_mask}) > 1                   # captions of several lengths
+
+
+def test_loss_channels_average_each_images_error_over_its_first_channels(frozen, tmp_path):
+    task = DiTTask(config(frozen, options={"loss_channels": [1, 2, 4]}), tmp_path / "a", DistEnv())
+    task.prepare()
+    batch = task.batch(3, step_generator(5, 3))
+    c = batch["loss_channels"]
+    assert c.shape == (4,) and set(c.tolist()) <= {1, 2, 4} and len(set(c.tolist())) > 1
+    assert torch.equal(c, task.batch(3, step_generator(5, 3))["loss_channels"])         # resumable
+    torch.manual_seed(0)
+    model = task.build_model()
+    with torch.no_grad():
+        t = batch["t"]
+        x_t = (1 - t)[:, None, None, None] * batch["x0"] + t[:, None, None, None] * batch["noise"]
+        err = model(x_t, (t * 1000).floor(), batch["text"], batch["mask"]) - (batch["noise"] - batch["x0"])
+        expected = torch.stack([err[i, :k].square().mean() for i, k in enumerate(c.tolist())]).mean()
+        assert torch.allclose(task.loss(model, batch), expected, rtol=1e-5)
+        # every channel kept: the plain MSE
+        whole = {**batch, "loss_channels": torch.full_like(c, 4)}
+        assert torch.allclose(task.loss(model, whole), err.square().mean(), rtol=1e-5)
+        assert not torch.allclose(expected, err.square().mean(), rtol=1e-3)
+    plain = DiTTask(config(frozen), tmp_path / "b", DistEnv())
+    plain.prepare()
+    assert "loss_channels" not in plain.batch(3, step_generator(5, 3))
+    with pytest.raises(ValueError, match="options.loss_channels"):
+        config(frozen, options={"loss_channels": [0]})
+    with pytest.raises(ValueError, match="options.loss_channels"):
+        DiTTask(config(frozen, options={"loss_channels": [5]}), tmp_path / "c", DistEnv())

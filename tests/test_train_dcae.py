@@ -290,3 +290,37 @@ def test_latent_mix_decodes_blends_of_neighbouring_latents_against_blended_image
     assert "mix" not in plain.batch(2, torch.Generator())
     with pytest.raises(ValueError, match="options.latent_mix"):
         config(data, {"latent_mix": float("nan")})
+
+
+def test_keep_channels_decodes_each_image_from_its_first_channels_only(data, tmp_path):
+    cfg = config(data, {"keep_channels": [1, 2, 4]})
+    task = DCAETask(cfg, tmp_path / "a", DistEnv())
+    task.prepare()
+    batch = task.batch(5, torch.Generator().manual_seed(2))
+    keep = batch["keep"]
+    assert keep.shape == (len(batch["images"]),) and set(keep.tolist()) <= {1, 2, 4} and len(set(keep.tolist())) > 1
+    assert torch.equal(keep, task.batch(5, torch.Generator().manual_seed(2))["keep"])     # resumable
+    assert torch.equal(two_ranks(task, 5, "keep", seed=2), keep)
+    torch.manual_seed(0)
+    model = task.build_model()
+    x = batch["images"]
+    with torch.no_grad():
+        z = model.encoder(x)
+        cut = z.clone()
+        for i, c in enumerate(keep.tolist()):
+            cut[i, c:] = 0
+        err = model.decoder(cut) - x
+        expected = err.abs().mean() + err.square().mean()
+        assert torch.allclose(task.loss(model, batch), expected, rtol=1e-5)
+        whole = model.decoder(z) - x                          # keeping every channel is the plain loss
+        full = {**batch, "keep": torch.full_like(keep, z.shape[1])}
+        assert torch.allclose(task.loss(model, full), whole.abs().mean() + whole.square().mean(), rtol=1e-5)
+        assert not torch.allclose(expected, whole.abs().mean() + whole.square().mean(), rtol=1e-3)
+    plain = DCAETask(config(data), tmp_path / "b", DistEnv())
+    plain.prepare()
+    assert "keep" not in plain.batch(5, torch.Generator())
+    with pytest.raises(ValueError, match="options.keep_channels"):
+        config(data, {"keep_channels": [0]})
+    with pytest.raises(ValueError, match="options.keep_channels"):
+        DCAETask(config(data, {"keep_channels": [DCAE_PRESETS["tiny"].latent_channels + 1]}), tmp_path / "c",
+                 DistEnv())

@@ -1,0 +1,122 @@
+"""How far is a trained DiT from the best possible denoiser? The exact one is known for one-object captions.
+
+    python benchmarks/denoiser_gap.py --model runs/handoff/s [--grid 32 --scenes 8 --samples 6]
+
+A caption that names one object's size, colour, shape and background ("a large blue hexagon on a white background")
+leaves only the object's position open, and the shapes generator draws it uniformly (shapes._place). The caption's
+scenes are rendered with the object centre on a grid x grid lattice over that square and encoded; with that finite set
+as the data, the optimal denoiser is exact (sana-spec §4.1 convention, x_t = (1 - t) z + t eps):
+
+    E[z | x_t] = sum_i w_i z_i,  w = softmax_i(-|x_t - (1 - t) z_i|^2 / (2 t^2)),  v* = (x_t - E[z | x_t]) / t.
+
+For `scenes` scenes of each caption at random positions (off the lattice) and fixed noise, the table gives the mean
+squared error of the DiT's velocity against the target noise - z, next to that of v*, per t: the gap the DiT could
+still close. (v* is exact for the lattice, not for the continuum of positions; at t <= 0.5 its posterior sits on
+the nearest lattice points, so its error there is a floor set by the lattice spacing.) Then both denoisers sample
+`samples` images per caption from the same noise (20 Flow-DPM-Solver steps, no guidance), and the shapes evaluator
+checks for exactly one object of the caption's shape and colour: the exact denoiser's pass rate tests the sampler and
+the autoencoder, the DiT's what it has learned (docs/bundled-model.md, seventh round).
+"""
+from __future__ import annotations
+
+import argparse
+
+import numpy as np
+import torch
+
+from sanaflow import shapes
+from sanaflow.geneval import EvalPrompt, Item, Requirement, check, detect
+from sanaflow.pipeline import Pipeline, dit_velocity, initial_noise
+from sanaflow.samplers import dpm_solver_2m, flow_times
+from sanaflow.shapes import SIZES, Scene, ShapeObject, allowed_colors, render
+
+CASES = (("hexagon", "blue", "large", "white"), ("star", "red", "medium", "gray"),
+         ("circle", "green", "small", "black"), ("triangle", "purple", "large", "beige"))
+TIMES = (0.5, 0.7, 0.8, 0.85, 0.9, 0.95)
+
+
+def exact_velocity(z: torch.Tensor):
+    """v* for the data set z (M, C, h, w): the posterior mean over its members, per row of x."""
+    flat = z.flatten(1)                                                       # (M, D)
+
+    def model_fn(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        t, xf = t.view(-1, 1), x.flatten(1)                                   # (B, 1), (B, D)
+        # |x - (1 - t) z_i|^2, expanded; the |x|^2 term is the same for every i and cancels in the softmax
+        d = (1 - t) ** 2 * flat.square().sum(1)[None] - 2 * (1 - t) * (xf @ flat.T)      # (B, M)
+        w = torch.softmax(-d / (2 * t * t), 1)                                # (B, M)
+        return (x - (w @ flat).view_as(x)) / t.view(-1, 1, 1, 1)
+    return model_fn
+
+
+def to_uint8(images: torch.Tensor) -> np.ndarray:
+    return ((images.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
+
+
+@torch.no_grad()
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", required=True, help="a pipeline folder (sanaflow export)")
+    ap.add_argument("--grid", type=int, default=32, help="object centres per side of the lattice")
+    ap.add_argument("--scenes", type=int, default=8, help="test scenes per caption for the losses")
+    ap.add_argument("--samples", type=int, default=6, help="images sampled per caption by each denoiser")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--out", default=None, help="a PNG of every caption's samples: the exact denoiser's row above "
+                                                "the DiT's")
+    args = ap.parse_args()
+    pipe = Pipeline.from_pretrained(args.model)
+    rng = np.random.default_rng(args.seed)
+
+    def encode(scenes: list[Scene]) -> torch.Tensor:
+        out = []
+        for i in range(0, len(scenes), 32):
+            x = np.stack([render(s, 256) for s in scenes[i:i + 32]])
+            out.append(pipe.vae.encode(torch.from_numpy(x).permute(0, 3, 1, 2).float() / 127.5 - 1))
+        return torch.cat(out)                                                 # (n, C, 8, 8)
+
+    losses = {t: [[], []] for t in TIMES}
+    passed, rows = [0, 0], []
+    for shape, color, size, bg in CASES:
+        assert color in allowed_colors(bg), (color, bg)
+        caption = f"a {size} {color} {shape} on a {bg} background"
+        lo, hi = SIZES[size] / 2 + shapes.EDGE_MARGIN, 1 - SIZES[size] / 2 - shapes.EDGE_MARGIN
+        lattice = np.linspace(lo, hi, args.grid)
+        data = encode([Scene(bg, (ShapeObject(shape, color, size, float(x), float(y)),))
+                       for x in lattice for y in lattice])
+        exact = exact_velocity(data)
+        tests = encode([Scene(bg, (ShapeObject(shape, color, size, *map(float, rng.uniform(lo, hi, 2))),))
+                        for _ in range(args.scenes)])
+        n = len(tests)
+        text, mask = pipe.text.encode([caption] * max(n, args.samples))
+        dit = dit_velocity(pipe.dit, text[:n], mask[:n], True)
+        g = torch.Generator().manual_seed(args.seed)
+        for t in TIMES:
+            eps = torch.randn(tests.shape, generator=g)
+            x_t, tt = (1 - t) * tests + t * eps, torch.full((n,), t)
+            for k, fn in enumerate((exact, dit)):
+                losses[t][k].append((fn(x_t, tt) - (eps - tests)).square().mean().item())
+        prompt = EvalPrompt("colors", caption, Requirement((Item(shape, color),), exact=True))
+        noise = initial_noise(range(args.samples), tuple(tests.shape[1:]))
+        dit = dit_velocity(pipe.dit, text[:args.samples], mask[:args.samples], True)
+        for k, fn in enumerate((exact, dit)):
+            images = to_uint8(pipe.vae.decode(dpm_solver_2m(fn, noise.clone(), flow_times(20, pipe.flow_shift))))
+            passed[k] += sum(check(prompt, detect(im)) for im in images)
+            rows.append(np.concatenate(list(images), 1))                     # (256, samples * 256, 3)
+    print(f"{args.model}: {len(CASES)} one-object captions, lattice {args.grid}x{args.grid}, {args.scenes} test "
+          f"scenes each; velocity MSE against noise - z\n")
+    print("| t | exact denoiser | DiT | DiT - exact |")
+    print("|---|---:|---:|---:|")
+    for t in TIMES:
+        e, d = (float(np.mean(v)) for v in losses[t])
+        print(f"| {t} | {e:.3f} | {d:.3f} | {d - e:.3f} |")
+    total = len(CASES) * args.samples
+    print(f"\nSampled from the same noise (20 Flow-DPM-Solver steps, no guidance), exactly one object of the caption's "
+          f"shape and colour: exact denoiser {passed[0]}/{total}, DiT {passed[1]}/{total}")
+    if args.out:
+        from PIL import Image
+        grid = Image.fromarray(np.concatenate(rows, 0))
+        grid.resize((grid.width // 2, grid.height // 2), Image.LANCZOS).save(args.out)
+        print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()

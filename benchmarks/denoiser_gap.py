@@ -1,6 +1,7 @@
 """How far is a trained DiT from the best possible denoiser? The exact one is known for one-object captions.
 
     python benchmarks/denoiser_gap.py --model runs/handoff/s [--grid 32 --scenes 8 --samples 6]
+    python benchmarks/denoiser_gap.py --write-data data/four-256 --num 4000    # a training set of these captions only
 
 A caption that names one object's size, colour, shape and background ("a large blue hexagon on a white background")
 leaves only the object's position open, and the shapes generator draws it uniformly (shapes._place). The caption's
@@ -52,17 +53,39 @@ def to_uint8(images: torch.Tensor) -> np.ndarray:
     return ((images.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
 
 
+def write_data(folder: str, num: int, seed: int) -> None:
+    """`num` scenes of the CASES captions in turn, each with its caption only, at uniform positions (WebDataset)."""
+    from sanaflow.data import write_wds
+    rng = np.random.default_rng(seed)
+
+    def scenes():
+        for i in range(num):
+            shape, color, size, bg = CASES[i % len(CASES)]
+            lo, hi = SIZES[size] / 2 + shapes.EDGE_MARGIN, 1 - SIZES[size] / 2 - shapes.EDGE_MARGIN
+            scene = Scene(bg, (ShapeObject(shape, color, size, *map(float, rng.uniform(lo, hi, 2))),))
+            caption = f"a {size} {color} {shape} on a {bg} background"
+            yield render(scene, 256), {"captions": [{"text": caption, "score": 1.0}], "scene": scene.to_dict()}
+    write_wds(scenes(), folder, shard_size=1000)
+    print(f"wrote {num} scenes to {folder}")
+
+
 @torch.no_grad()
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", required=True, help="a pipeline folder (sanaflow export)")
+    ap.add_argument("--model", help="a pipeline folder (sanaflow export)")
     ap.add_argument("--grid", type=int, default=32, help="object centres per side of the lattice")
     ap.add_argument("--scenes", type=int, default=8, help="test scenes per caption for the losses")
     ap.add_argument("--samples", type=int, default=6, help="images sampled per caption by each denoiser")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default=None, help="a PNG of every caption's samples: the exact denoiser's row above "
                                                 "the DiT's")
+    ap.add_argument("--write-data", default=None, help="instead: write a training set of the CASES captions here")
+    ap.add_argument("--num", type=int, default=4000, help="scenes for --write-data")
     args = ap.parse_args()
+    if args.write_data:
+        return write_data(args.write_data, args.num, seed=123)
+    if not args.model:
+        ap.error("--model FOLDER is required (or --write-data DIR)")
     pipe = Pipeline.from_pretrained(args.model)
     rng = np.random.default_rng(args.seed)
 

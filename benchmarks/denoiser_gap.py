@@ -49,6 +49,22 @@ def exact_velocity(z: torch.Tensor):
     return model_fn
 
 
+def caption(case: tuple[str, str, str, str]) -> str:
+    shape, color, size, bg = case
+    return f"a {size} {color} {shape} on a {bg} background"
+
+
+def centre_range(size: str) -> tuple[float, float]:
+    """Where the generator may put an object's centre, per axis (shapes._place)."""
+    r = SIZES[size] / 2
+    return r + shapes.EDGE_MARGIN, 1 - r - shapes.EDGE_MARGIN
+
+
+def scene(case: tuple[str, str, str, str], x: float, y: float) -> Scene:
+    shape, color, size, bg = case
+    return Scene(bg, (ShapeObject(shape, color, size, float(x), float(y)),))
+
+
 def to_uint8(images: torch.Tensor) -> np.ndarray:
     return ((images.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
 
@@ -60,11 +76,9 @@ def write_data(folder: str, num: int, seed: int) -> None:
 
     def scenes():
         for i in range(num):
-            shape, color, size, bg = CASES[i % len(CASES)]
-            lo, hi = SIZES[size] / 2 + shapes.EDGE_MARGIN, 1 - SIZES[size] / 2 - shapes.EDGE_MARGIN
-            scene = Scene(bg, (ShapeObject(shape, color, size, *map(float, rng.uniform(lo, hi, 2))),))
-            caption = f"a {size} {color} {shape} on a {bg} background"
-            yield render(scene, 256), {"captions": [{"text": caption, "score": 1.0}], "scene": scene.to_dict()}
+            case = CASES[i % len(CASES)]
+            s = scene(case, *rng.uniform(*centre_range(case[2]), 2))
+            yield render(s, 256), {"captions": [{"text": caption(case), "score": 1.0}], "scene": s.to_dict()}
     write_wds(scenes(), folder, shard_size=1000)
     print(f"wrote {num} scenes to {folder}")
 
@@ -98,18 +112,15 @@ def main() -> None:
 
     losses = {t: [[], []] for t in TIMES}
     passed, rows = [0, 0], []
-    for shape, color, size, bg in CASES:
+    for case in CASES:
+        shape, color, size, bg = case
         assert color in allowed_colors(bg), (color, bg)
-        caption = f"a {size} {color} {shape} on a {bg} background"
-        lo, hi = SIZES[size] / 2 + shapes.EDGE_MARGIN, 1 - SIZES[size] / 2 - shapes.EDGE_MARGIN
+        lo, hi = centre_range(size)
         lattice = np.linspace(lo, hi, args.grid)
-        data = encode([Scene(bg, (ShapeObject(shape, color, size, float(x), float(y)),))
-                       for x in lattice for y in lattice])
-        exact = exact_velocity(data)
-        tests = encode([Scene(bg, (ShapeObject(shape, color, size, *map(float, rng.uniform(lo, hi, 2))),))
-                        for _ in range(args.scenes)])
+        exact = exact_velocity(encode([scene(case, x, y) for x in lattice for y in lattice]))
+        tests = encode([scene(case, *rng.uniform(lo, hi, 2)) for _ in range(args.scenes)])
         n = len(tests)
-        text, mask = pipe.text.encode([caption] * max(n, args.samples))
+        text, mask = pipe.text.encode([caption(case)] * max(n, args.samples))
         dit = dit_velocity(pipe.dit, text[:n], mask[:n], True)
         g = torch.Generator().manual_seed(args.seed)
         for t in TIMES:
@@ -117,7 +128,7 @@ def main() -> None:
             x_t, tt = (1 - t) * tests + t * eps, torch.full((n,), t)
             for k, fn in enumerate((exact, dit)):
                 losses[t][k].append((fn(x_t, tt) - (eps - tests)).square().mean().item())
-        prompt = EvalPrompt("colors", caption, Requirement((Item(shape, color),), exact=True))
+        prompt = EvalPrompt("colors", caption(case), Requirement((Item(shape, color),), exact=True))
         noise = initial_noise(range(args.samples), tuple(tests.shape[1:]))
         dit = dit_velocity(pipe.dit, text[:args.samples], mask[:args.samples], True)
         for k, fn in enumerate((exact, dit)):

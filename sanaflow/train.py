@@ -325,6 +325,21 @@ def caption_weights(scores: Tensor, rule: str, temperature: float, threshold: fl
     raise ValueError(f"caption rule {rule!r}: one of clipscore, softmax, uniform, best")
 
 
+def channel_counts(name: str, counts, channels: int | None = None) -> tuple[int, ...]:
+    """A list of latent channel counts from a config (DC-AE 1.5's structured latent, arXiv 2508.00413), checked:
+    each in 1..channels. ValueError naming options.`name`."""
+    counts = tuple(counts)                                                # JSON gives a list
+    if not all(isinstance(c, int) and not isinstance(c, bool) and 1 <= c <= (channels or c) for c in counts):
+        limit = f" and <= {channels}, the latent's channels" if channels else ""
+        raise ValueError(f"options.{name}={list(counts)}: must be channel counts >= 1{limit}")
+    return counts
+
+
+def draw_channel_counts(counts: tuple[int, ...], n: int, g: torch.Generator) -> Tensor:
+    """(n,) counts drawn uniformly from `counts` with the step's generator: one per image of the global batch."""
+    return torch.tensor(counts)[torch.randint(0, len(counts), (n,), generator=g)]
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Processes
 

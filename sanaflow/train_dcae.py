@@ -32,8 +32,8 @@ from .files import atomic_write, write_json_atomic
 from .data import cover_crop
 from .dcae import DCAE, DCAE_PRESETS, DCAEConfig
 from .hub import save_dcae
-from .train import (BatchOrder, DataError, DistEnv, TrainConfig, cache_metadata, fingerprint, model_config,
-                    open_dataset)
+from .train import (BatchOrder, DataError, DistEnv, TrainConfig, cache_metadata, channel_counts,
+                    draw_channel_counts, fingerprint, model_config, open_dataset)
 
 CACHE_VERSION = 1                        # bump when the cached pixels would change for the same key (e.g. resampling)
 
@@ -71,9 +71,7 @@ class DCAEOptions:
     eval_samples: int = 64               # images held out of training, for the PSNR in ae_metrics.json
 
     def __post_init__(self):
-        object.__setattr__(self, "keep_channels", tuple(self.keep_channels))       # JSON gives a list
-        if not all(isinstance(c, int) and not isinstance(c, bool) and c >= 1 for c in self.keep_channels):
-            raise ValueError(f"options.keep_channels={list(self.keep_channels)}: must be channel counts >= 1")
+        object.__setattr__(self, "keep_channels", channel_counts("keep_channels", self.keep_channels))
         if isinstance(self.resolution, bool) or not isinstance(self.resolution, int) or self.resolution < 1:
             raise ValueError(f"options.resolution={self.resolution!r}: must be a positive int")
         if not (self.l1 >= 0 and self.l2 >= 0 and self.l1 + self.l2 > 0 and math.isfinite(self.l1 + self.l2)):
@@ -112,9 +110,7 @@ class DCAETask:
             if getattr(self.opt, name) % f:
                 raise ValueError(f"options.{name}={getattr(self.opt, name)}: must be a multiple of the DC-AE's "
                                  f"compression {f}")
-        if any(c > self.model_cfg.latent_channels for c in self.opt.keep_channels):
-            raise ValueError(f"options.keep_channels={list(self.opt.keep_channels)}: the model has "
-                             f"{self.model_cfg.latent_channels} latent channels")
+        channel_counts("keep_channels", self.opt.keep_channels, self.model_cfg.latent_channels)
 
     # ------------------------------------------------------------------------------------------------- data
 
@@ -176,8 +172,7 @@ class DCAETask:
             # the same rank's share (DCAE.forward), so no latent crosses processes.
             out["mix"] = self.env.local(torch.rand(len(idx), generator=g)).to(self.env.device)   # (b,)
         if self.opt.keep_channels:
-            choice = torch.randint(0, len(self.opt.keep_channels), (len(idx),), generator=g)
-            keep = torch.tensor(self.opt.keep_channels)[choice]                        # (b,) channel counts
+            keep = draw_channel_counts(self.opt.keep_channels, len(idx), g)             # (b,) channel counts
             out["keep"] = self.env.local(keep).to(self.env.device)
         return out
 

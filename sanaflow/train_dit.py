@@ -23,8 +23,8 @@ from torch import Tensor, nn
 from .dit import DIT_PRESETS, DiT, DiTConfig
 from .files import atomic_write
 from .flow import flow_path, network_time, shift_time, velocity_target
-from .train import (BatchOrder, DataError, DistEnv, TrainConfig, cache_metadata, caption_weights, fingerprint,
-                    model_config, open_dataset)
+from .train import (BatchOrder, DataError, DistEnv, TrainConfig, cache_metadata, caption_weights,
+                    channel_counts, draw_channel_counts, fingerprint, model_config, open_dataset)
 
 
 @dataclass(frozen=True)
@@ -52,9 +52,7 @@ class DiTOptions:
     loss_channels: tuple[int, ...] = ()
 
     def __post_init__(self):
-        object.__setattr__(self, "loss_channels", tuple(self.loss_channels))       # JSON gives a list
-        if not all(isinstance(c, int) and not isinstance(c, bool) and c >= 1 for c in self.loss_channels):
-            raise ValueError(f"options.loss_channels={list(self.loss_channels)}: must be channel counts >= 1")
+        object.__setattr__(self, "loss_channels", channel_counts("loss_channels", self.loss_channels))
         if self.caption_rule not in ("clipscore", "softmax", "uniform", "best"):
             raise ValueError(f"options.caption_rule={self.caption_rule!r}: one of clipscore, softmax, uniform, best")
         if not 0 <= self.caption_dropout < 1:
@@ -91,9 +89,7 @@ class DiTTask:
     def __init__(self, cfg: TrainConfig, run: Path, env: DistEnv):
         self.cfg, self.opt, self.run, self.env = cfg, cfg.options, Path(run), env
         self.model_cfg = model_config(cfg.model, DIT_PRESETS, DiTConfig)
-        if any(c > self.model_cfg.in_channels for c in self.opt.loss_channels):
-            raise ValueError(f"options.loss_channels={list(self.opt.loss_channels)}: the DiT has "
-                             f"{self.model_cfg.in_channels} latent channels")
+        channel_counts("loss_channels", self.opt.loss_channels, self.model_cfg.in_channels)
 
     # ------------------------------------------------------------------------------------------------- data
 
@@ -248,8 +244,7 @@ class DiTTask:
         text, mask = text[:, :length], mask[:, :length]
         batch = {"x0": d["latents"][idx][:, :, :h, :w], "noise": noise, "t": t, "text": text, "mask": mask}
         if o.loss_channels:
-            choice = torch.randint(0, len(o.loss_channels), (b,), generator=g)
-            batch["loss_channels"] = torch.tensor(o.loss_channels)[choice]             # (b,) channel counts
+            batch["loss_channels"] = draw_channel_counts(o.loss_channels, b, g)        # (b,) channel counts
         return {k: self.env.local(v).to(self.env.device) for k, v in batch.items()}
 
     def loss(self, model: nn.Module, batch: dict[str, Tensor]) -> Tensor:

@@ -116,6 +116,21 @@ def two_ranks(task: DCAETask, step: int, key: str, seed: int = 0) -> torch.Tenso
     return torch.cat(parts)
 
 
+def drawn(data: Path, tmp_path: Path, options: dict, key: str, step: int, seed: int):
+    """A task with `options` and its batch(step). Checks that batch[key] comes from the step's generator alone
+    (resumable), that each rank gets its slice of the same global draw, and that without the options there is no
+    batch[key]."""
+    task = DCAETask(config(data, options), tmp_path / "a", DistEnv())
+    task.prepare()
+    batch = task.batch(step, torch.Generator().manual_seed(seed))
+    assert torch.equal(batch[key], task.batch(step, torch.Generator().manual_seed(seed))[key])     # resumable
+    assert torch.equal(two_ranks(task, step, key, seed=seed), batch[key])
+    plain = DCAETask(config(data), tmp_path / "b", DistEnv())
+    plain.prepare()
+    assert key not in plain.batch(step, torch.Generator())
+    return task, batch
+
+
 def test_batches_never_hold_out_images_and_split_across_ranks(data, tmp_path):
     task = DCAETask(config(data), tmp_path, DistEnv())
     task.prepare()
@@ -232,17 +247,10 @@ def test_latent_penalty_adds_its_term_and_bounds_the_latent(data, tmp_path):
 
 
 def test_latent_noise_is_relative_to_the_latent_rms_drawn_per_step_and_split_across_ranks(data, tmp_path):
-    cfg = config(data, {"latent_noise": 0.3})
-    task = DCAETask(cfg, tmp_path / "a", DistEnv())
-    task.prepare()
-    batch = task.batch(3, torch.Generator().manual_seed(7))
+    task, batch = drawn(data, tmp_path, {"latent_noise": 0.3}, "latent_noise", step=3, seed=7)
     noise = batch["latent_noise"]
     with torch.no_grad():
         assert noise.shape == task.build_model().encoder(batch["images"]).shape     # the latent's shape
-    again = task.batch(3, torch.Generator().manual_seed(7))["latent_noise"]
-    assert torch.equal(noise, again)                         # from the step's generator only: resumable
-    # Each rank gets its slice of the same global draw.
-    assert torch.equal(two_ranks(task, 3, "latent_noise", seed=7), noise)
     # The loss decodes z + noise * rms(z), rms per image; the penalty and reconstruction terms as without noise.
     torch.manual_seed(0)
     model = task.build_model()
@@ -255,22 +263,14 @@ def test_latent_noise_is_relative_to_the_latent_rms_drawn_per_step_and_split_acr
         assert torch.allclose(task.loss(model, batch), expected, rtol=1e-6)
         clean = model.decoder(z) - x
         assert not torch.allclose(expected, clean.abs().mean() + clean.square().mean(), rtol=1e-3)
-    plain = DCAETask(config(data), tmp_path / "b", DistEnv())
-    plain.prepare()
-    assert "latent_noise" not in plain.batch(3, torch.Generator())
     with pytest.raises(ValueError, match="options.latent_noise"):
         config(data, {"latent_noise": -1.0})
 
 
 def test_latent_mix_decodes_blends_of_neighbouring_latents_against_blended_images(data, tmp_path):
-    cfg = config(data, {"latent_mix": 0.5})
-    task = DCAETask(cfg, tmp_path / "a", DistEnv())
-    task.prepare()
-    batch = task.batch(2, torch.Generator().manual_seed(3))
+    task, batch = drawn(data, tmp_path, {"latent_mix": 0.5}, "mix", step=2, seed=3)
     a = batch["mix"]
     assert a.shape == (len(batch["images"]),) and (a >= 0).all() and (a <= 1).all() and a.std() > 0
-    assert torch.equal(a, task.batch(2, torch.Generator().manual_seed(3))["mix"])      # resumable
-    assert torch.equal(two_ranks(task, 2, "mix", seed=3), a)
     torch.manual_seed(0)
     model = task.build_model()
     x = batch["images"]
@@ -285,22 +285,14 @@ def test_latent_mix_decodes_blends_of_neighbouring_latents_against_blended_image
         # with every weight at 1 the blends are the reconstructions themselves: the loss is 1.5x the plain one
         ones = {**batch, "mix": torch.ones_like(a)}
         assert torch.allclose(task.loss(model, ones), 1.5 * (rec.abs().mean() + rec.square().mean()), rtol=1e-5)
-    plain = DCAETask(config(data), tmp_path / "b", DistEnv())
-    plain.prepare()
-    assert "mix" not in plain.batch(2, torch.Generator())
     with pytest.raises(ValueError, match="options.latent_mix"):
         config(data, {"latent_mix": float("nan")})
 
 
 def test_keep_channels_decodes_each_image_from_its_first_channels_only(data, tmp_path):
-    cfg = config(data, {"keep_channels": [1, 2, 4]})
-    task = DCAETask(cfg, tmp_path / "a", DistEnv())
-    task.prepare()
-    batch = task.batch(5, torch.Generator().manual_seed(2))
+    task, batch = drawn(data, tmp_path, {"keep_channels": [1, 2, 4]}, "keep", step=5, seed=2)
     keep = batch["keep"]
     assert keep.shape == (len(batch["images"]),) and set(keep.tolist()) <= {1, 2, 4} and len(set(keep.tolist())) > 1
-    assert torch.equal(keep, task.batch(5, torch.Generator().manual_seed(2))["keep"])     # resumable
-    assert torch.equal(two_ranks(task, 5, "keep", seed=2), keep)
     torch.manual_seed(0)
     model = task.build_model()
     x = batch["images"]
@@ -316,9 +308,6 @@ def test_keep_channels_decodes_each_image_from_its_first_channels_only(data, tmp
         full = {**batch, "keep": torch.full_like(keep, z.shape[1])}
         assert torch.allclose(task.loss(model, full), whole.abs().mean() + whole.square().mean(), rtol=1e-5)
         assert not torch.allclose(expected, whole.abs().mean() + whole.square().mean(), rtol=1e-3)
-    plain = DCAETask(config(data), tmp_path / "b", DistEnv())
-    plain.prepare()
-    assert "keep" not in plain.batch(5, torch.Generator())
     with pytest.raises(ValueError, match="options.keep_channels"):
         config(data, {"keep_channels": [0]})
     with pytest.raises(ValueError, match="options.keep_channels"):

@@ -2,6 +2,7 @@
 
     python benchmarks/denoiser_gap.py --model runs/handoff/s [--grid 32 --scenes 8 --samples 6]
     python benchmarks/denoiser_gap.py --write-data data/four-256 --num 4000    # a training set of these captions only
+    python benchmarks/denoiser_gap.py --model runs/handoff/s --attributes     # what knowing each attribute is worth
 
 A caption that names one object's size, colour, shape and background ("a large blue hexagon on a white background")
 leaves only the object's position open, and the shapes generator draws it uniformly (shapes._place). The caption's
@@ -17,6 +18,10 @@ the nearest lattice points, so its error there is a floor set by the lattice spa
 `samples` images per caption from the same noise (20 Flow-DPM-Solver steps, no guidance), and the shapes evaluator
 checks for exactly one object of the caption's shape and colour: the exact denoiser's pass rate tests the sampler and
 the autoencoder, the DiT's what it has learned (docs/bundled-model.md, seventh round).
+
+--attributes: for the first caption only, the exact denoiser's error when one attribute is not known (the data set is
+the union of the lattices of every value of that attribute), next to the exact one's: how much the flow-matching loss
+rewards a model for reading that attribute from the caption, per t (docs/bundled-model.md, eighth round).
 """
 from __future__ import annotations
 
@@ -93,6 +98,8 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default=None, help="a PNG of every caption's samples: the exact denoiser's row above "
                                                 "the DiT's")
+    ap.add_argument("--attributes", action="store_true", help="instead: the exact denoiser's error for the first "
+                                                                   "caption with each attribute unknown")
     ap.add_argument("--write-data", default=None, help="instead: write a training set of the CASES captions here")
     ap.add_argument("--num", type=int, default=4000, help="scenes for --write-data")
     args = ap.parse_args()
@@ -110,24 +117,50 @@ def main() -> None:
             out.append(pipe.vae.encode(torch.from_numpy(x).permute(0, 3, 1, 2).float() / 127.5 - 1))
         return torch.cat(out)                                                 # (n, C, 8, 8)
 
+    def lattice(case: tuple[str, str, str, str]) -> torch.Tensor:
+        lo, hi = centre_range(case[2])
+        points = np.linspace(lo, hi, args.grid)
+        return encode([scene(case, x, y) for x in points for y in points])
+
+    def errors(fn, tests: torch.Tensor) -> list[float]:
+        g = torch.Generator().manual_seed(args.seed)
+        out = []
+        for t in TIMES:
+            eps = torch.randn(tests.shape, generator=g)
+            x_t = (1 - t) * tests + t * eps
+            out.append((fn(x_t, torch.full((len(tests),), t)) - (eps - tests)).square().mean().item())
+        return out
+
+    if args.attributes:
+        shape, color, size, bg = case = CASES[0]
+        tests = encode([scene(case, *rng.uniform(*centre_range(size), 2)) for _ in range(args.scenes)])
+        unknown = {"nothing (exact)": [case],
+                   "colour": [(shape, c, size, bg) for c in allowed_colors(bg)],
+                   "shape": [(s, color, size, bg) for s in shapes.SHAPES],
+                   "size": [(shape, color, z, bg) for z in SIZES],
+                   "background": [(shape, color, size, b) for b in shapes.BACKGROUNDS if color in allowed_colors(b)]}
+        print(f"{args.model}: \"{caption(case)}\", lattice {args.grid}x{args.grid}, {args.scenes} test scenes; "
+              f"velocity MSE of the exact denoiser that does not know one attribute\n")
+        print("| unknown | " + " | ".join(f"t = {t}" for t in TIMES) + " |")
+        print("|---|" + "---:|" * len(TIMES))
+        for name, cases in unknown.items():
+            row = errors(exact_velocity(torch.cat([lattice(c) for c in cases])), tests)
+            print(f"| {name} | " + " | ".join(f"{v:.3f}" for v in row) + " |")
+        return
+
     losses = {t: [[], []] for t in TIMES}
     passed, rows = [0, 0], []
     for case in CASES:
         shape, color, size, bg = case
         assert color in allowed_colors(bg), (color, bg)
-        lo, hi = centre_range(size)
-        lattice = np.linspace(lo, hi, args.grid)
-        exact = exact_velocity(encode([scene(case, x, y) for x in lattice for y in lattice]))
-        tests = encode([scene(case, *rng.uniform(lo, hi, 2)) for _ in range(args.scenes)])
+        exact = exact_velocity(lattice(case))
+        tests = encode([scene(case, *rng.uniform(*centre_range(size), 2)) for _ in range(args.scenes)])
         n = len(tests)
         text, mask = pipe.text.encode([caption(case)] * max(n, args.samples))
         dit = dit_velocity(pipe.dit, text[:n], mask[:n], True)
-        g = torch.Generator().manual_seed(args.seed)
-        for t in TIMES:
-            eps = torch.randn(tests.shape, generator=g)
-            x_t, tt = (1 - t) * tests + t * eps, torch.full((n,), t)
-            for k, fn in enumerate((exact, dit)):
-                losses[t][k].append((fn(x_t, tt) - (eps - tests)).square().mean().item())
+        for k, fn in enumerate((exact, dit)):
+            for t, err in zip(TIMES, errors(fn, tests)):
+                losses[t][k].append(err)
         prompt = EvalPrompt("colors", caption(case), Requirement((Item(shape, color),), exact=True))
         noise = initial_noise(range(args.samples), tuple(tests.shape[1:]))
         dit = dit_velocity(pipe.dit, text[:args.samples], mask[:args.samples], True)

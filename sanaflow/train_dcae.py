@@ -24,6 +24,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import Tensor, nn
@@ -67,6 +68,17 @@ class DCAEOptions:
     # count to decode whole latents more often). The front channels then have to carry the image's layout alone
     # and the later ones only add detail, which is what a DiT must settle first at high noise.
     keep_channels: tuple[int, ...] = ()
+    # Pixel-anchored channels: the first 3 * anchor_grid^2 channels of the unscaled latent are pulled (weight
+    # `anchor`, 0: off) towards anchor_gain times the image average-pooled to anchor_grid x anchor_grid colours per
+    # latent cell (space-to-channel), minus the image's median colour (the background, in the shapes data). In a
+    # plain DC-AE latent an object's colour is quiet: recolouring it moves the latent about as far as shifting it by
+    # 6 px (benchmarks/latent_attributes.py), so the DiT's loss barely rewards the caption's colours and its small
+    # errors change them. Anchored channels make objects' colours and coarse layout loud and linear; the others keep
+    # the detail. Without the median the background's colour dominated the anchored channels' variance and left the
+    # objects quieter than before (docs/bundled-model.md, eighth round). The architecture is unchanged.
+    anchor: float = 0.0
+    anchor_gain: float = 3.0
+    anchor_grid: int = 2
     stats_samples: int = 512             # training images whose latents set the scaling factor
     eval_samples: int = 64               # images held out of training, for the PSNR in ae_metrics.json
 
@@ -78,9 +90,12 @@ class DCAEOptions:
             raise ValueError(f"options.l1={self.l1}, options.l2={self.l2}: must be >= 0, finite, not both 0")
         if not (self.latent_l2 >= 0 and math.isfinite(self.latent_l2)):
             raise ValueError(f"options.latent_l2={self.latent_l2}: must be >= 0 and finite")
-        for name in ("latent_noise", "latent_mix"):
+        for name in ("latent_noise", "latent_mix", "anchor"):
             if not (getattr(self, name) >= 0 and math.isfinite(getattr(self, name))):
                 raise ValueError(f"options.{name}={getattr(self, name)}: must be >= 0 and finite")
+        if not (self.anchor_gain > 0 and math.isfinite(self.anchor_gain)) or self.anchor_grid < 1:
+            raise ValueError(f"options.anchor_gain={self.anchor_gain} must be > 0 and finite, "
+                             f"options.anchor_grid={self.anchor_grid} >= 1")
         if not 0 <= self.crop <= self.resolution:
             raise ValueError(f"options.crop={self.crop}: must be in [0, options.resolution={self.resolution}]")
         if self.stats_samples < 1 or self.eval_samples < 0:
@@ -111,6 +126,10 @@ class DCAETask:
                 raise ValueError(f"options.{name}={getattr(self.opt, name)}: must be a multiple of the DC-AE's "
                                  f"compression {f}")
         channel_counts("keep_channels", self.opt.keep_channels, self.model_cfg.latent_channels)
+        g = self.opt.anchor_grid
+        if self.opt.anchor and (f % g or 3 * g * g > self.model_cfg.latent_channels):
+            raise ValueError(f"options.anchor_grid={g}: must divide the compression {f} and give 3 * {g}^2 <= "
+                             f"{self.model_cfg.latent_channels} latent channels")
 
     # ------------------------------------------------------------------------------------------------- data
 
@@ -190,7 +209,18 @@ class DCAETask:
         if mix is not None:
             a = mix[:, None, None, None]
             loss = loss + self.opt.latent_mix * self.pixel_loss(recon[len(x):], a * x + (1 - a) * x.roll(1, 0))
+        if self.opt.anchor:
+            loss = loss + self.opt.anchor * F.mse_loss(z[:, :3 * self.opt.anchor_grid ** 2].float(), self.anchor_target(x))
         return loss + self.opt.latent_l2 * z.float().square().mean() if self.opt.latent_l2 else loss
+
+    def anchor_target(self, x: Tensor) -> Tensor:
+        """(B, 3, H, W) images in [-1, 1] -> (B, 3 g^2, H/f, W/f): anchor_gain times each latent cell's g x g mean
+        colours less the image's per-channel median, channel c g^2 + i g + j for colour c and sub-block (i, j)
+        (F.pixel_unshuffle's order)."""
+        g, x = self.opt.anchor_grid, x.float()
+        pooled = F.avg_pool2d(x, self.model_cfg.compression // g)             # (B, 3, g H/f, g W/f)
+        median = x.flatten(2).median(dim=2).values[:, :, None, None]         # (B, 3, 1, 1)
+        return self.opt.anchor_gain * F.pixel_unshuffle(pooled - median, g)  # (B, 3 g^2, H/f, W/f)
 
     # ----------------------------------------------------------------------------------------------- export
 

@@ -313,3 +313,50 @@ def test_keep_channels_decodes_each_image_from_its_first_channels_only(data, tmp
     with pytest.raises(ValueError, match="options.keep_channels"):
         DCAETask(config(data, {"keep_channels": [DCAE_PRESETS["tiny"].latent_channels + 1]}), tmp_path / "c",
                  DistEnv())
+
+
+def test_anchor_pulls_the_first_channels_towards_the_pooled_image(data, tmp_path):
+    task = DCAETask(config(data, {"anchor": 2.0, "anchor_gain": 1.5, "anchor_grid": 1}), tmp_path / "a", DistEnv())
+    task.prepare()
+    batch = task.batch(0, torch.Generator().manual_seed(0))
+    torch.manual_seed(0)
+    model = task.build_model()
+    x, f = batch["images"], model.cfg.compression
+    with torch.no_grad():
+        z = model.encoder(x)
+        err = model.decoder(z) - x
+        median = x.flatten(2).median(dim=2).values[:, :, None, None]            # (B, 3, 1, 1)
+        target = 1.5 * (torch.nn.functional.avg_pool2d(x, f) - median)          # (B, 3, H/f, W/f): one colour a cell
+        expected = err.abs().mean() + err.square().mean() + 2.0 * (z[:, :3] - target).square().mean()
+        assert torch.allclose(task.loss(model, batch), expected, rtol=1e-5)
+
+    # grid 2: channel c * 4 + i * 2 + j holds colour c of sub-block (i, j) of each cell, written out by hand
+    wide = DCAETask(config(data, {"anchor": 1.0, "anchor_grid": 2}, model={"preset": "tiny", "latent_channels": 12, "widths": [12, 12]}),
+                    tmp_path / "w", DistEnv())
+    x = torch.full((2, 3, 8, 8), 0.25)                                  # the background: 0.25, the median
+    x[:, :, :3, :3] = torch.randn(2, 3, 3, 3)                           # an "object" over 9 of 64 pixels
+    pooled = torch.nn.functional.avg_pool2d(x, wide.model_cfg.compression // 2) - 0.25   # (2, 3, 4, 4)
+    by_hand = torch.zeros(2, 12, 4, 4)
+    for c in range(3):
+        for i in range(2):
+            for j in range(2):
+                by_hand[:, c * 4 + i * 2 + j] = 3.0 * pooled[:, c, i::2, j::2]
+    assert torch.allclose(wide.anchor_target(x), by_hand)
+
+    # training with the anchor brings the first channels closer to the pooled held-out images than training without
+    def anchor_error(options: dict, out: str) -> float:
+        train(config(data, options), tmp_path / out)
+        model = load_dcae(tmp_path / out / "model")
+        x = images(range(N - N_EVAL, N))
+        with torch.no_grad():
+            z = model.encoder(x)                                                     # unscaled, as trained
+        median = x.flatten(2).median(dim=2).values[:, :, None, None]
+        return (z[:, :3] - (torch.nn.functional.avg_pool2d(x, model.cfg.compression) - median)).square().mean().item()
+    assert anchor_error({"anchor": 1.0, "anchor_gain": 1.0, "anchor_grid": 1}, "on") < \
+        0.5 * anchor_error({}, "off")
+
+    for bad in ({"anchor": -1.0}, {"anchor_gain": 0.0}, {"anchor_grid": 0}):
+        with pytest.raises(ValueError, match="options.anchor"):
+            config(data, bad)
+    with pytest.raises(ValueError, match="options.anchor_grid"):                  # 3 * 2^2 > 4 latent channels
+        DCAETask(config(data, {"anchor": 1.0, "anchor_grid": 2}), tmp_path / "c", DistEnv())

@@ -210,7 +210,8 @@ class DCAETask:
             a = mix[:, None, None, None]
             loss = loss + self.opt.latent_mix * self.pixel_loss(recon[len(x):], a * x + (1 - a) * x.roll(1, 0))
         if self.opt.anchor:
-            loss = loss + self.opt.anchor * F.mse_loss(z[:, :3 * self.opt.anchor_grid ** 2].float(), self.anchor_target(x))
+            anchored = z[:, :3 * self.opt.anchor_grid ** 2].float()                       # (b, 3 g^2, h, w)
+            loss = loss + self.opt.anchor * F.mse_loss(anchored, self.anchor_target(x))
         return loss + self.opt.latent_l2 * z.float().square().mean() if self.opt.latent_l2 else loss
 
     def anchor_target(self, x: Tensor) -> Tensor:

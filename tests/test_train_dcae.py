@@ -331,8 +331,8 @@ def test_anchor_pulls_the_first_channels_towards_the_pooled_image(data, tmp_path
         assert torch.allclose(task.loss(model, batch), expected, rtol=1e-5)
 
     # grid 2: channel c * 4 + i * 2 + j holds colour c of sub-block (i, j) of each cell, written out by hand
-    wide = DCAETask(config(data, {"anchor": 1.0, "anchor_grid": 2}, model={"preset": "tiny", "latent_channels": 12, "widths": [12, 12]}),
-                    tmp_path / "w", DistEnv())
+    twelve = {"preset": "tiny", "latent_channels": 12, "widths": [12, 12]}
+    wide = DCAETask(config(data, {"anchor": 1.0, "anchor_grid": 2}, model=twelve), tmp_path / "w", DistEnv())
     x = torch.full((2, 3, 8, 8), 0.25)                                  # the background: 0.25, the median
     x[:, :, :3, :3] = torch.randn(2, 3, 3, 3)                           # an "object" over 9 of 64 pixels
     pooled = torch.nn.functional.avg_pool2d(x, wide.model_cfg.compression // 2) - 0.25   # (2, 3, 4, 4)

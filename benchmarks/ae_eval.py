@@ -39,13 +39,16 @@ def main() -> None:
                          "latent's imprecision the decoder tolerates, a proxy for the DiT's sample error")
     ap.add_argument("--keep-channels", type=int, default=0,
                     help="decode from the latent's first C channels only, the others zeroed (0: all)")
+    ap.add_argument("--grid", type=int, default=0,
+                    help="render scenes with centres on a GRID x GRID lattice, as `sanaflow data shapes --grid`")
     args = ap.parse_args()
 
     vae = load_dcae(args.vae).eval()
     rng = np.random.default_rng(args.seed)
     g = torch.Generator().manual_seed(args.seed)
     prompts = prompt_set(held_out=True, seed=args.seed, per_category=args.per_category)
-    jobs = [(p, render(scene_for(p, rng), args.size)) for p in prompts for _ in range(args.scenes)]
+    jobs = [(p, render(scene_for(p, rng, grid=args.grid), args.size))
+            for p in prompts for _ in range(args.scenes)]
     start = time.perf_counter()
     recons, psnrs = [], []
     with torch.no_grad():
@@ -69,6 +72,7 @@ def main() -> None:
         r[2] += check(p, detect(rec))
     noise = f", latent noise sigma {args.latent_noise}" if args.latent_noise else ""
     noise += f", decoded from the first {args.keep_channels} channels" if args.keep_channels else ""
+    noise += f", centres on a {args.grid} x {args.grid} grid" if args.grid else ""
     print(f"{args.vae} at {args.size} px: {len(jobs)} held-out renders ({len(prompts)} prompts x {args.scenes} "
           f"scenes, seed {args.seed}{noise}); encode+decode {len(jobs) / seconds:.1f} img/s\n")
     print("| category | n | pass, originals | pass, reconstructions | ratio |")

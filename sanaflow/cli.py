@@ -84,11 +84,14 @@ def data() -> None:
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--held-out", is_flag=True, help="Scenes and phrasings kept out of training (for evaluation).")
 @click.option("--shard-size", type=click.IntRange(min=1), default=1000, show_default=True)
-def data_shapes(out: Path, num: int, size: int, fmt: str, seed: int, held_out: bool, shard_size: int) -> None:
+@click.option("--grid", type=click.IntRange(min=0), default=0, show_default=True,
+              help="Object centres on the cell centres of a GRID x GRID lattice (0: anywhere).")
+def data_shapes(out: Path, num: int, size: int, fmt: str, seed: int, held_out: bool, shard_size: int,
+                grid: int) -> None:
     """Render the synthetic shapes data set: flat shapes on plain backgrounds, several scored captions each."""
     from .data import write_folder, write_wds
     from .shapes import samples
-    items = samples(num, size, seed, held_out)
+    items = samples(num, size, seed, held_out, grid=grid)
     if fmt == "wds":
         paths = write_wds(items, out, shard_size=shard_size, prefix="shapes-heldout" if held_out else "shapes",
                           progress=True, total=num)
@@ -198,14 +201,18 @@ def train(preset: str | None, config_file: Path | None, out: Path | None, data: 
               help="The diffusers-format SanaPipeline folder to write (replaced atomically).")
 @click.option("--dtype", type=click.Choice(["float32", "float16", "bfloat16"]), default="float32", show_default=True,
               help="Storage dtype of the weights; loading casts back to the dtype asked for.")
-def export(run: Path, out: Path, dtype: str) -> None:
+@click.option("--weights", type=click.Choice(["export", "raw", "ema"]), default="export", show_default=True,
+              help="The DiT weights: RUN/model as the run exported it (its EMA if it kept one), or the newest "
+                   "checkpoint's raw trained weights or EMA.")
+def export(run: Path, out: Path, dtype: str, weights: str) -> None:
     """Assemble the pipeline a finished DiT RUN trained for (its DiT, autoencoder, text encoder, text settings and
     flow shift) into one folder that `sanaflow generate --model` and diffusers' SanaPipeline load."""
     import torch
+    from .checkpoint import CheckpointError
     from .train_dit import pipeline_from_run
     try:
-        pipe = pipeline_from_run(run)
-    except (ValueError, FileNotFoundError, OSError) as e:
+        pipe = pipeline_from_run(run, weights)
+    except (ValueError, FileNotFoundError, OSError, CheckpointError) as e:
         raise click.ClickException(str(e)) from e
     to = getattr(torch, dtype)
     for net in (pipe.dit, pipe.vae, pipe.text.model):

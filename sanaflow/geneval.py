@@ -229,17 +229,23 @@ def satisfies(prompt: EvalPrompt, scene: Scene) -> bool:
 
 
 def _place(sizes: Sequence[float], rng: np.random.Generator, boxes: Sequence[tuple[float, float, float, float]],
-           tries: int = 200) -> list[tuple[float, float]] | None:
+           tries: int = 200, grid: int = 0) -> list[tuple[float, float]] | None:
     """Centres for objects of diameters `sizes`, each inside its (x0, y0, x1, y1) box and apart from the others
-    by a gap of 0.04 of the image, so components never touch, even after blur."""
+    by a gap of 0.04 of the image, so components never touch, even after blur. grid > 0: only cell centres
+    (k + 0.5) / grid, as in `shapes.random_scene`."""
     placed: list[tuple[float, float, float]] = []
+    centres = [(k + 0.5) / grid for k in range(grid)]
     for d, (x0, y0, x1, y1) in zip(sizes, boxes):
         edge = d / 2 + 0.02
         lo_x, hi_x, lo_y, hi_y = max(x0, edge), min(x1, 1 - edge), max(y0, edge), min(y1, 1 - edge)
-        if lo_x > hi_x or lo_y > hi_y:
+        xs, ys = ([c for c in centres if lo <= c <= hi] for lo, hi in ((lo_x, hi_x), (lo_y, hi_y)))
+        if lo_x > hi_x or lo_y > hi_y or (grid and not (xs and ys)):
             return None
         for _ in range(tries):
-            x, y = rng.uniform(lo_x, hi_x), rng.uniform(lo_y, hi_y)
+            if grid:
+                x, y = xs[rng.integers(len(xs))], ys[rng.integers(len(ys))]
+            else:
+                x, y = rng.uniform(lo_x, hi_x), rng.uniform(lo_y, hi_y)
             if all(math.hypot(x - px, y - py) > (d + pd) / 2 + 0.04 for px, py, pd in placed):
                 placed.append((x, y, d))
                 break
@@ -248,9 +254,10 @@ def _place(sizes: Sequence[float], rng: np.random.Generator, boxes: Sequence[tup
     return [(x, y) for x, y, _ in placed]
 
 
-def scene_for(prompt: EvalPrompt, rng: np.random.Generator, max_tries: int = 100) -> Scene:
+def scene_for(prompt: EvalPrompt, rng: np.random.Generator, max_tries: int = 100, grid: int = 0) -> Scene:
     """A random scene showing exactly what the prompt asks (no extra objects), on a background that allows its
-    colours. Unnamed colours are drawn from those allowed on that background."""
+    colours. Unnamed colours are drawn from those allowed on that background. grid > 0: centres on the cell
+    centres of a grid x grid lattice (the layout of `sanaflow data shapes --grid`)."""
     req = prompt.requirement
     named = {i.color for i in req.items if i.color}
     backgrounds = [bg for bg in BACKGROUNDS if named <= set(allowed_colors(bg))]
@@ -273,7 +280,7 @@ def scene_for(prompt: EvalPrompt, rng: np.random.Generator, max_tries: int = 100
             a, b = {"left of": ((*lo, *mid), (*hi, *mid)), "right of": ((*hi, *mid), (*lo, *mid)),
                     "above": ((*mid, *lo), (*mid, *hi)), "below": ((*mid, *hi), (*mid, *lo))}[req.relation]
             boxes = [(a[0], a[2], a[1], a[3]), (b[0], b[2], b[1], b[3])]
-        centres = _place([SIZES[s] for s in sizes], rng, boxes)
+        centres = _place([SIZES[s] for s in sizes], rng, boxes, grid=grid)
         if centres is None:
             continue
         objs = tuple(ShapeObject(sh, c, sz, x, y) for (sh, c), sz, (x, y) in zip(specs, sizes, centres))

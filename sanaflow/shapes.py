@@ -209,15 +209,21 @@ def relation(a: ShapeObject, b: ShapeObject) -> tuple[str, ...]:
     return tuple(out)
 
 
-def _place(rng: np.random.Generator, sizes: list[str], tries: int = 200) -> list[tuple[float, float]] | None:
+def _place(rng: np.random.Generator, sizes: list[str], grid: int = 0,
+           tries: int = 200) -> list[tuple[float, float]] | None:
     """Rejection-sample centres: inside the image, bounding circles GAP apart, and every pair of centres
-    RELATION_MARGIN apart along some axis so that each pair has a relation a caption can state."""
+    RELATION_MARGIN apart along some axis so that each pair has a relation a caption can state. grid > 0: centres
+    only at the cell centres (k + 0.5) / grid of a grid x grid lattice (see random_scene)."""
     placed: list[tuple[float, float, float]] = []
     for size in sizes:
         r = SIZES[size] / 2
         lo, hi = r + EDGE_MARGIN, 1 - r - EDGE_MARGIN
+        cells = [(k + 0.5) / grid for k in range(grid) if lo <= (k + 0.5) / grid <= hi] if grid else []
         for _ in range(tries):
-            x, y = rng.uniform(lo, hi, size=2)
+            if grid:
+                x, y = (cells[int(k)] for k in rng.integers(len(cells), size=2))
+            else:
+                x, y = rng.uniform(lo, hi, size=2)
             if all(np.hypot(x - px, y - py) >= r + pr + GAP
                    and max(abs(x - px), abs(y - py)) >= RELATION_MARGIN for px, py, pr in placed):
                 placed.append((float(x), float(y), r))
@@ -227,8 +233,13 @@ def _place(rng: np.random.Generator, sizes: list[str], tries: int = 200) -> list
     return [(x, y) for x, y, _ in placed]
 
 
-def random_scene(rng: np.random.Generator, held_out: bool = False) -> Scene:
-    """1-4 objects; `held_out=False` never uses a HELD_OUT_PAIRS pair, `held_out=True` always uses at least one."""
+def random_scene(rng: np.random.Generator, held_out: bool = False, grid: int = 0) -> Scene:
+    """1-4 objects; `held_out=False` never uses a HELD_OUT_PAIRS pair, `held_out=True` always uses at least one.
+    grid > 0 puts every centre on a cell centre of a grid x grid lattice instead of anywhere. With grid = the
+    latent side (8 at 256 px for a 32x autoencoder) each object sits at the same phase of the latent grid, so an
+    object has one latent pattern per position instead of a continuum: a smaller world for a small model."""
+    if grid and grid < 4:
+        raise ValueError(f"random_scene: grid={grid} must be 0 (anywhere) or >= 4 (four large objects need room)")
     background = str(rng.choice(list(BACKGROUNDS)))
     colors = allowed_colors(background)
     n = int(rng.integers(1, MAX_OBJECTS + 1))
@@ -255,7 +266,7 @@ def random_scene(rng: np.random.Generator, held_out: bool = False) -> Scene:
             sizes = [shared_size] * n
         else:
             sizes = [str(s) for s in rng.choice(list(SIZES), size=n)]
-        centres = _place(rng, sizes)
+        centres = _place(rng, sizes, grid)
         if centres is not None:
             break
         shared_size = "small"   # a layout failed (e.g. four large objects): retry, smaller when shared
@@ -497,17 +508,18 @@ def captions(scene: Scene, rng: np.random.Generator, held_out: bool = False) -> 
     return out
 
 
-def sample(index: int, size: int, seed: int = 0, held_out: bool = False) -> tuple[np.ndarray, dict]:
+def sample(index: int, size: int, seed: int = 0, held_out: bool = False, grid: int = 0) -> tuple[np.ndarray, dict]:
     """Sample `index` of the data set drawn with `seed`: (image (size, size, 3) uint8, meta). Each sample has its own
-    generator seeded by (seed, index, held_out), so any sample can be made alone, in any order, by any worker."""
+    generator seeded by (seed, index, held_out), so any sample can be made alone, in any order, by any worker.
+    grid: see random_scene."""
     rng = np.random.default_rng([seed, index, int(held_out)])
-    scene = random_scene(rng, held_out=held_out)
+    scene = random_scene(rng, held_out=held_out, grid=grid)
     caps = captions(scene, rng, held_out=held_out)
     return render(scene, size), {"captions": [{"text": t, "score": s} for t, s in caps], "scene": scene.to_dict()}
 
 
-def samples(num: int, size: int, seed: int = 0, held_out: bool = False, start: int = 0):
+def samples(num: int, size: int, seed: int = 0, held_out: bool = False, start: int = 0, grid: int = 0):
     """Samples start .. start + num - 1 (see `sample`)."""
-    if num < 1 or size < 32:
-        raise ValueError(f"num={num} must be >= 1 and size={size} >= 32")
-    return (sample(i, size, seed, held_out) for i in range(start, start + num))
+    if num < 1 or size < 32 or grid < 0:
+        raise ValueError(f"num={num} must be >= 1, size={size} >= 32 and grid={grid} >= 0")
+    return (sample(i, size, seed, held_out, grid) for i in range(start, start + num))

@@ -271,12 +271,19 @@ def _pad_stack(latents: list[Tensor]) -> Tensor:
     return torch.stack([F.pad(z, (0, w - z.shape[2], 0, h - z.shape[1])) for z in latents])
 
 
-def pipeline_from_run(run: str | Path):
-    """The whole text-to-image pipeline a DiT run trained for: its exported DiT (run/model), the frozen autoencoder
-    and text encoder it was trained on, and the text settings and flow shift it used (run/config.json)."""
+def pipeline_from_run(run: str | Path, weights: str = "export"):
+    """The whole text-to-image pipeline a DiT run trained for: its DiT, the frozen autoencoder and text encoder it
+    was trained on, and the text settings and flow shift it used (run/config.json).
+
+    weights: "export" = run/model (the EMA when the run keeps one); "raw" = the newest checkpoint's trained weights,
+    "ema" = its EMA. At 3000 steps on the shapes data the raw weights sampled better than an EMA of decay 0.999
+    (docs/bundled-model.md, eighth round), so both are worth evaluating."""
+    from . import checkpoint
     from .hub import load_dcae, load_dit
     from .pipeline import Pipeline
     from .train import load_config
+    if weights not in ("export", "raw", "ema"):
+        raise ValueError(f"weights={weights!r}: one of 'export', 'raw', 'ema'")
     run = Path(run)
     cfg = load_config(run / "config.json")
     if cfg.task != "dit":
@@ -284,5 +291,13 @@ def pipeline_from_run(run: str | Path):
     o = cfg.options
     if not (run / "model").is_dir():
         raise FileNotFoundError(f"{run / 'model'}: no exported DiT yet (the run exports it when it finishes)")
-    return Pipeline(load_dit(run / "model"), load_dcae(o.vae), text_encoder(o), flow_shift=o.flow_shift,
-                    name=str(run))
+    dit = load_dit(run / "model")
+    if weights != "export":
+        ckpt = checkpoint.latest(run)
+        if ckpt is None:
+            raise FileNotFoundError(f"{run / 'checkpoints'}: no complete checkpoint to take weights={weights!r} from")
+        raw, ema, _, _ = checkpoint.load(ckpt)
+        if weights == "ema" and ema is None:
+            raise ValueError(f"{ckpt}: weights='ema', but this run kept no EMA (ema_decay 0)")
+        dit.load_state_dict(raw if weights == "raw" else ema)
+    return Pipeline(dit, load_dcae(o.vae), text_encoder(o), flow_shift=o.flow_shift, name=str(run))

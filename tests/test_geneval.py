@@ -229,13 +229,16 @@ def test_prompts_round_trip_through_json_lines(tmp_path):
         g.load_prompts(tmp_path / "bad.jsonl")
 
 
-def test_scene_for_meets_the_prompt_exactly():
+@pytest.mark.parametrize("grid", [0, 8])
+def test_scene_for_meets_the_prompt_exactly(grid):
     rng = np.random.default_rng(5)
     for p in g.prompt_set(False, seed=0, per_category=10) + g.prompt_set(True, seed=0, per_category=10):
-        scene = g.scene_for(p, rng)
+        scene = g.scene_for(p, rng, grid=grid)
         assert g.satisfies(p, scene)
         assert len(scene.objects) == sum(i.count for i in p.requirement.items)
         assert all(o.color in shapes.allowed_colors(scene.background) for o in scene.objects)
+        on_grid = all(abs(v * 8 - 0.5 - round(v * 8 - 0.5)) < 1e-9 for o in scene.objects for v in (o.x, o.y))
+        assert on_grid or not grid, scene
 
 
 def test_items_found_gives_partial_credit():

@@ -58,6 +58,32 @@ def test_scene_geometry_and_colours_over_many_scenes():
     assert counts == {1, 2, 3, 4}
 
 
+@pytest.mark.parametrize("grid", [8, 6])
+def test_grid_scenes_sit_on_cell_centres_and_keep_the_geometry(grid):
+    rng = np.random.default_rng(3)
+    seen_x, counts = set(), set()
+    for _ in range(1000):
+        sc = S.random_scene(rng, grid=grid)
+        counts.add(len(sc.objects))
+        for o in sc.objects:
+            for v in (o.x, o.y):
+                k = v * grid - 0.5
+                assert abs(k - round(k)) < 1e-9, (grid, o)                  # a cell centre
+            r = S.SIZES[o.size] / 2
+            assert r + S.EDGE_MARGIN <= o.x <= 1 - r - S.EDGE_MARGIN, o
+            seen_x.add(round(o.x * grid - 0.5))
+        for a, b in itertools.combinations(sc.objects, 2):
+            assert np.hypot(a.x - b.x, a.y - b.y) >= S.SIZES[a.size] / 2 + S.SIZES[b.size] / 2 + S.GAP, (a, b)
+            assert max(abs(a.x - b.x), abs(a.y - b.y)) >= S.RELATION_MARGIN, (a, b)
+    assert counts == {1, 2, 3, 4}
+    assert seen_x == set(range(1, grid - 1))          # every cell away from the border is used
+    with pytest.raises(ValueError, match="grid=2"):
+        S.random_scene(np.random.default_rng(0), grid=2)
+    # grid=0 is the continuous layout, unchanged
+    a, b = S.sample(5, 64, seed=1), S.sample(5, 64, seed=1, grid=0)
+    assert np.array_equal(a[0], b[0]) and a[1] == b[1]
+
+
 def test_held_out_rule():
     train, held = scenes(1, 2000), scenes(2, 2000, held_out=True)
     assert not any(S.is_held_out_scene(sc) for sc in train)

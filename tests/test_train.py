@@ -339,6 +339,28 @@ def test_export_assembles_the_pipeline_a_dit_run_trained_for(frozen, tmp_path):
     assert bad.exit_code == 1 and "config.json" in bad.output
 
 
+
+def test_export_takes_the_raw_weights_or_the_ema_of_the_newest_checkpoint(frozen, tmp_path):
+    from click.testing import CliRunner
+
+    from sanaflow.cli import main
+    from sanaflow.hub import load_dit
+    from sanaflow.train_dit import pipeline_from_run
+    train(config(frozen, steps=3, ema_decay=0.5), tmp_path / "run", progress=False)
+    raw, ema = final_weights(tmp_path / "run"), final_weights(tmp_path / "run", "ema.safetensors")
+    assert any(not torch.equal(raw[k], ema[k]) for k in raw)          # the two differ, so the choice is visible
+    assert_same(pipeline_from_run(tmp_path / "run", "raw").dit.state_dict(), raw)
+    assert_same(pipeline_from_run(tmp_path / "run", "ema").dit.state_dict(), ema)
+    assert_same(pipeline_from_run(tmp_path / "run").dit.state_dict(), ema)   # the run exports its EMA
+    result = CliRunner().invoke(main, ["export", str(tmp_path / "run"), "--out", str(tmp_path / "pipe"),
+                                       "--weights", "raw"])
+    assert result.exit_code == 0, result.output
+    assert_same(load_dit(tmp_path / "pipe" / "transformer").state_dict(), raw)
+    train(config(frozen, steps=1), tmp_path / "plain", progress=False)
+    bad = CliRunner().invoke(main, ["export", str(tmp_path / "plain"), "--out", str(tmp_path / "x"),
+                                    "--weights", "ema"])
+    assert bad.exit_code == 1 and "ema" in bad.output and not (tmp_path / "x").exists()
+
 def test_aspect_ratio_buckets_keep_each_batch_one_shape(frozen, tmp_path):
     """Images of three aspect ratios (a user's image folder with .txt captions) land in three buckets; every batch
     is drawn from one bucket, with latents of that bucket's shape; training runs on them."""

@@ -48,7 +48,7 @@ def main() -> None:
     loads = [timed(lambda: Pipeline.from_pretrained(args.model)) for _ in range(3)]
     pipe = Pipeline.from_pretrained(args.model)
     size = pipe.native_size
-    req = GenerateRequest(prompts=(PROMPT,), height=size, width=size, steps=args.steps)
+    req = GenerateRequest(prompts=(PROMPT,), height=size, width=size, steps=args.steps, guidance=pipe.guidance)
     pipe.generate(req)                                                       # warm-up
     whole = [timed(lambda: pipe.generate(req)) for _ in range(args.rounds)]
 

@@ -8,6 +8,7 @@ sampling. Where the pass rate falls is the noise range the DiT has not learned (
 
     python benchmarks/sdedit_eval.py --model runs/handoff/model-yn1-6000
     python benchmarks/sdedit_eval.py --model FOLDER --split held-out --per-category 20 --t0 0 0.5 1
+    python benchmarks/sdedit_eval.py --model FOLDER --grid 8      # a model trained on `data shapes --grid 8`
 """
 from __future__ import annotations
 
@@ -29,7 +30,9 @@ def main() -> None:
     ap.add_argument("--per-category", type=int, default=8)
     ap.add_argument("--t0", type=float, nargs="+", default=[0.0, 0.3, 0.5, 0.7, 0.85, 0.95, 1.0])
     ap.add_argument("--steps", type=int, default=40, help="Euler grid over [0, 1]; the part below t0 is used")
-    ap.add_argument("--guidance", type=float, default=4.5)
+    ap.add_argument("--guidance", type=float, default=None, help="default: the model's")
+    ap.add_argument("--grid", type=int, default=0, help="object centres on a GRID x GRID lattice, as the model's "
+                    "training data (`sanaflow data shapes --grid`); 0: anywhere")
     ap.add_argument("--seed", type=int, default=3)
     args = ap.parse_args()
     if any(not 0 <= t <= 1 for t in args.t0):
@@ -38,9 +41,10 @@ def main() -> None:
 
     pipe = Pipeline.from_pretrained(args.model)
     size = pipe.native_size
+    args.guidance = pipe.guidance if args.guidance is None else args.guidance
     rng = np.random.default_rng(args.seed)
     prompts = prompt_set(args.split == "held-out", args.seed, args.per_category)
-    originals = np.stack([render(scene_for(p, rng), size) for p in prompts])
+    originals = np.stack([render(scene_for(p, rng, grid=args.grid), size) for p in prompts])
     z = pipe.vae.encode(torch.from_numpy(originals).permute(0, 3, 1, 2).float() / 127.5 - 1)
     c = pipe.text.encode_for_cfg([p.text for p in prompts], "", 1)
     model_fn = classifier_free(pipe.dit, c.text, c.text_mask, c.null_text, c.null_mask, args.guidance, True)

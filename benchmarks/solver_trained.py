@@ -30,7 +30,7 @@ def main() -> None:
     ap.add_argument("--reference-steps", type=int, default=100)
     ap.add_argument("--per-category", type=int, default=8, help="held-out prompts per category (at most)")
     ap.add_argument("--images-per-prompt", type=int, default=2)
-    ap.add_argument("--guidance", type=float, default=4.5)
+    ap.add_argument("--guidance", type=float, default=None, help="default: the model's")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--batch", type=int, default=16)
     args = ap.parse_args()
@@ -38,6 +38,7 @@ def main() -> None:
     torch.set_grad_enabled(False)
     pipe = Pipeline.from_pretrained(args.model) if args.model else load_default()
     size = pipe.native_size
+    args.guidance = pipe.guidance if args.guidance is None else args.guidance
     prompts = prompt_set(held_out=True, seed=args.seed, per_category=args.per_category)
     jobs = [(p, args.seed + i * args.images_per_prompt + j)
             for i, p in enumerate(prompts) for j in range(args.images_per_prompt)]

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import time
 from pathlib import Path
 
@@ -22,7 +23,8 @@ def main() -> None:
 @click.option("--model", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
               help="Local diffusers-format SANA folder (default: the bundled model).")
 @click.option("--steps", type=click.IntRange(min=1), default=20, show_default=True)
-@click.option("--guidance", type=float, default=4.5, show_default=True, help="Classifier-free guidance scale.")
+@click.option("--guidance", type=float, default=None,
+              help="Classifier-free guidance scale. Default: the model's (4.5 for official SANA folders).")
 @click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True,
               help="Seed of the first image; image i uses seed + i.")
 @click.option("--height", type=click.IntRange(min=32), default=None, help="Default: the model's native size.")
@@ -33,7 +35,7 @@ def main() -> None:
 @click.option("--resolution-binning", is_flag=True,
               help="Generate at the nearest SANA aspect-ratio bin, then resize and crop to --height x --width.")
 @click.option("--dry-run", is_flag=True, help="Print the resolved request and exit.")
-def generate(prompt: str, out: Path, model: Path | None, steps: int, guidance: float, seed: int, height: int | None,
+def generate(prompt: str, out: Path, model: Path | None, steps: int, guidance: float | None, seed: int, height: int | None,
              width: int | None, sampler: str, num_images: int, negative_prompt: str, resolution_binning: bool,
              dry_run: bool) -> None:
     """Generate an image from PROMPT and write it as a PNG (parameters go into its text metadata)."""
@@ -47,6 +49,7 @@ def generate(prompt: str, out: Path, model: Path | None, steps: int, guidance: f
                    "with RANDOM weights, so the image will be noise-like, not a picture of the prompt. "
                    "Pass --model PATH to a local diffusers-format SANA folder for real images.", err=True)
     size = pipe.native_size
+    guidance = pipe.guidance if guidance is None else guidance
     try:
         req = GenerateRequest(prompts=(prompt,), negative_prompt=negative_prompt, height=height or size,
                               width=width or size, steps=steps, guidance=guidance, sampler=sampler,
@@ -86,12 +89,14 @@ def data() -> None:
 @click.option("--shard-size", type=click.IntRange(min=1), default=1000, show_default=True)
 @click.option("--grid", type=click.IntRange(min=0), default=0, show_default=True,
               help="Object centres on the cell centres of a GRID x GRID lattice (0: anywhere).")
+@click.option("--max-objects", type=click.IntRange(min=1, max=4), default=4, show_default=True,
+              help="At most this many objects per scene (1 to 4).")
 def data_shapes(out: Path, num: int, size: int, fmt: str, seed: int, held_out: bool, shard_size: int,
-                grid: int) -> None:
+                grid: int, max_objects: int) -> None:
     """Render the synthetic shapes data set: flat shapes on plain backgrounds, several scored captions each."""
     from .data import write_folder, write_wds
     from .shapes import samples
-    items = samples(num, size, seed, held_out, grid=grid)
+    items = samples(num, size, seed, held_out, grid=grid, max_objects=max_objects)
     if fmt == "wds":
         paths = write_wds(items, out, shard_size=shard_size, prefix="shapes-heldout" if held_out else "shapes",
                           progress=True, total=num)
@@ -110,12 +115,12 @@ def data_shapes(out: Path, num: int, size: int, fmt: str, seed: int, held_out: b
 @click.option("--per-category", type=click.IntRange(min=1), default=50, show_default=True)
 @click.option("--images-per-prompt", type=click.IntRange(min=1), default=4, show_default=True)
 @click.option("--steps", type=click.IntRange(min=1), default=20, show_default=True)
-@click.option("--guidance", type=float, default=4.5, show_default=True)
+@click.option("--guidance", type=float, default=None, help="Default: the model's guidance scale.")
 @click.option("--sampler", type=click.Choice(["dpm", "euler"]), default="dpm", show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=Path("eval"), show_default=True)
 def evaluate(model: Path | None, prompts_file: Path | None, split: str, per_category: int, images_per_prompt: int,
-             steps: int, guidance: float, sampler: str, seed: int, out: Path) -> None:
+             steps: int, guidance: float | None, sampler: str, seed: int, out: Path) -> None:
     """GenEval-style evaluation with the offline shapes detector: report.json, report.md and grid.png in OUT."""
     import numpy as np
     from .geneval import evaluate_pipeline, load_prompts, prompt_set, write_report
@@ -123,6 +128,7 @@ def evaluate(model: Path | None, prompts_file: Path | None, split: str, per_cate
 
     pipe = Pipeline.from_pretrained(model) if model is not None else load_default()
     prompts = load_prompts(prompts_file) if prompts_file else prompt_set(split == "held-out", seed, per_category)
+    guidance = pipe.guidance if guidance is None else guidance
 
     def generate_fn(texts: list[str], seeds: list[int]) -> np.ndarray:
         req = GenerateRequest(prompts=tuple(texts), height=pipe.native_size, width=pipe.native_size, steps=steps,
@@ -132,6 +138,7 @@ def evaluate(model: Path | None, prompts_file: Path | None, split: str, per_cate
     report = evaluate_pipeline(generate_fn, prompts, images_per_prompt=images_per_prompt, seed=seed)
     write_report(report, out)
     recall = report.item_recall()
+    click.echo(f"guidance {guidance:g}, {steps} {sampler} steps")
     click.echo(f"overall {report.overall:.3f} ({len(prompts)} prompts x {images_per_prompt} images); item recall "
                f"{recall['shape']:.3f} by shape, {recall['shape_color']:.3f} by shape and colour; report in {out}")
 
@@ -204,7 +211,9 @@ def train(preset: str | None, config_file: Path | None, out: Path | None, data: 
 @click.option("--weights", type=click.Choice(["export", "raw", "ema"]), default="export", show_default=True,
               help="The DiT weights: RUN/model as the run exported it (its EMA if it kept one), or the newest "
                    "checkpoint's raw trained weights or EMA.")
-def export(run: Path, out: Path, dtype: str, weights: str) -> None:
+@click.option("--guidance", type=float, default=4.5, show_default=True,
+              help="The folder's default guidance scale (what generate and eval use unless told).")
+def export(run: Path, out: Path, dtype: str, weights: str, guidance: float) -> None:
     """Assemble the pipeline a finished DiT RUN trained for (its DiT, autoencoder, text encoder, text settings and
     flow shift) into one folder that `sanaflow generate --model` and diffusers' SanaPipeline load."""
     import torch
@@ -212,6 +221,9 @@ def export(run: Path, out: Path, dtype: str, weights: str) -> None:
     from .train_dit import pipeline_from_run
     try:
         pipe = pipeline_from_run(run, weights)
+        pipe.guidance = float(guidance)
+        if not math.isfinite(pipe.guidance):
+            raise ValueError(f"guidance={guidance!r}: must be a finite number")
     except (ValueError, FileNotFoundError, OSError, CheckpointError) as e:
         raise click.ClickException(str(e)) from e
     to = getattr(torch, dtype)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import re
 from pathlib import Path
 from typing import Callable, Sequence
@@ -160,6 +161,17 @@ class GenerateRequest:
 # model_index.json key of our TextConfig. diffusers drops "_"-prefixed keys before building a pipeline from
 # model_index.json (ConfigMixin.extract_init_dict), so the folder stays a plain SanaPipeline folder for it.
 TEXT_CONFIG_KEY = "_sanaflow_text_config"
+# model_index.json key of the model's default guidance scale (Pipeline.guidance): SANA's 4.5 suits the official
+# models; the bundled shapes model samples best without guidance (docs/bundled-model.md), so each folder says.
+GUIDANCE_KEY = "_sanaflow_guidance"
+
+
+def _guidance_from_index(index: dict, path: Path) -> float:
+    from .hub import CheckpointError
+    value = index.get(GUIDANCE_KEY, 4.5)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise CheckpointError(f"{path}: {GUIDANCE_KEY}={value!r} must be a finite number")
+    return float(value)
 
 
 def _text_config_from_index(index: dict, path: Path) -> TextConfig:
@@ -213,10 +225,15 @@ def _library_class(part) -> list[str]:
 
 
 class Pipeline:
-    def __init__(self, dit: DiT, vae: DCAE, text: TextEncoder, flow_shift: float = 3.0, name: str = ""):
+    def __init__(self, dit: DiT, vae: DCAE, text: TextEncoder, flow_shift: float = 3.0, name: str = "",
+                 guidance: float = 4.5):
+        """guidance: this model's default classifier-free guidance scale (what the CLI uses unless told)."""
         if dit.cfg.in_channels != vae.cfg.latent_channels:
             raise ValueError(f"dit.in_channels={dit.cfg.in_channels} != vae.latent_channels={vae.cfg.latent_channels}")
+        if not math.isfinite(guidance):
+            raise ValueError(f"guidance={guidance!r}: must be a finite number")
         self.dit, self.vae, self.text, self.flow_shift, self.name = dit, vae, text, flow_shift, name
+        self.guidance = float(guidance)
 
     @classmethod
     def from_pretrained(cls, folder: str | Path, dtype: torch.dtype = torch.float32, variant: str | None = None,
@@ -244,7 +261,8 @@ class Pipeline:
                    TextEncoder.from_pretrained(folder / "text_encoder", folder / "tokenizer", dtype=dtype,
                                                config=text_config,
                                                variant=variant or detect_variant(folder / "text_encoder", "model")),
-                   flow_shift=float(shift), name=str(folder))
+                   flow_shift=float(shift), name=str(folder),
+                   guidance=_guidance_from_index(index, folder / "model_index.json"))
 
     def save_pretrained(self, folder: str | Path) -> Path:
         """This pipeline as a diffusers SanaPipeline folder (interop §5), loadable by diffusers'
@@ -272,7 +290,7 @@ class Pipeline:
             "transformer": ["diffusers", "SanaTransformer2DModel"], "vae": ["diffusers", "AutoencoderDC"],
             "scheduler": ["diffusers", "DPMSolverMultistepScheduler"],
             "text_encoder": _library_class(model), "tokenizer": _library_class(tokenizer),
-            TEXT_CONFIG_KEY: dataclasses.asdict(self.text.config),
+            TEXT_CONFIG_KEY: dataclasses.asdict(self.text.config), GUIDANCE_KEY: self.guidance,
         }
 
         def write(tmp: Path) -> None:

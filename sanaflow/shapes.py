@@ -233,16 +233,19 @@ def _place(rng: np.random.Generator, sizes: list[str], grid: int = 0,
     return [(x, y) for x, y, _ in placed]
 
 
-def random_scene(rng: np.random.Generator, held_out: bool = False, grid: int = 0) -> Scene:
-    """1-4 objects; `held_out=False` never uses a HELD_OUT_PAIRS pair, `held_out=True` always uses at least one.
+def random_scene(rng: np.random.Generator, held_out: bool = False, grid: int = 0,
+                 max_objects: int = MAX_OBJECTS) -> Scene:
+    """1 to max_objects objects (a smaller world for curriculum experiments); `held_out=False` never uses a HELD_OUT_PAIRS pair, `held_out=True` always uses at least one.
     grid > 0 puts every centre on a cell centre of a grid x grid lattice instead of anywhere. With grid = the
     latent side (8 at 256 px for a 32x autoencoder) each object sits at the same phase of the latent grid, so an
     object has one latent pattern per position instead of a continuum: a smaller world for a small model."""
     if grid and grid < 4:
         raise ValueError(f"random_scene: grid={grid} must be 0 (anywhere) or >= 4 (four large objects need room)")
+    if not 1 <= max_objects <= MAX_OBJECTS:
+        raise ValueError(f"random_scene: max_objects={max_objects} must be in 1..{MAX_OBJECTS}")
     background = str(rng.choice(list(BACKGROUNDS)))
     colors = allowed_colors(background)
-    n = int(rng.integers(1, MAX_OBJECTS + 1))
+    n = int(rng.integers(1, max_objects + 1))
 
     def sample_pair() -> tuple[str, str]:
         while True:    # rejection; at most 3 of 48 pairs are held out, so this ends fast
@@ -508,18 +511,21 @@ def captions(scene: Scene, rng: np.random.Generator, held_out: bool = False) -> 
     return out
 
 
-def sample(index: int, size: int, seed: int = 0, held_out: bool = False, grid: int = 0) -> tuple[np.ndarray, dict]:
+def sample(index: int, size: int, seed: int = 0, held_out: bool = False, grid: int = 0,
+           max_objects: int = MAX_OBJECTS) -> tuple[np.ndarray, dict]:
     """Sample `index` of the data set drawn with `seed`: (image (size, size, 3) uint8, meta). Each sample has its own
     generator seeded by (seed, index, held_out), so any sample can be made alone, in any order, by any worker.
-    grid: see random_scene."""
+    grid, max_objects: see random_scene."""
     rng = np.random.default_rng([seed, index, int(held_out)])
-    scene = random_scene(rng, held_out=held_out, grid=grid)
+    scene = random_scene(rng, held_out=held_out, grid=grid, max_objects=max_objects)
     caps = captions(scene, rng, held_out=held_out)
     return render(scene, size), {"captions": [{"text": t, "score": s} for t, s in caps], "scene": scene.to_dict()}
 
 
-def samples(num: int, size: int, seed: int = 0, held_out: bool = False, start: int = 0, grid: int = 0):
+def samples(num: int, size: int, seed: int = 0, held_out: bool = False, start: int = 0, grid: int = 0,
+            max_objects: int = MAX_OBJECTS):
     """Samples start .. start + num - 1 (see `sample`)."""
-    if num < 1 or size < 32 or grid < 0:
-        raise ValueError(f"num={num} must be >= 1, size={size} >= 32 and grid={grid} >= 0")
-    return (sample(i, size, seed, held_out, grid) for i in range(start, start + num))
+    if num < 1 or size < 32 or grid < 0 or not 1 <= max_objects <= MAX_OBJECTS:
+        raise ValueError(f"num={num} must be >= 1, size={size} >= 32, grid={grid} >= 0 and "
+                         f"max_objects={max_objects} in 1..{MAX_OBJECTS}")
+    return (sample(i, size, seed, held_out, grid, max_objects) for i in range(start, start + num))

@@ -166,27 +166,32 @@ TRAIN_PRESETS: dict[str, dict] = {
     # latent_l2 keeps the latents near unit scale: without it they drifted to std ~2000.
     # No EMA: at step 3600 an EMA of decay 0.999 reconstructed worse than the weights (31.1 vs 33.1 dB, evaluator
     # ratio 0.60 vs 0.69), still carrying the first 2000 steps and a loss spike at step 1930.
-    # The last 600 steps decay the LR to 0: from the stable run's step 3600, evaluator ratio 0.685 -> 0.773 and PSNR
+    # The last steps decay the LR to 0: from the stable run's step 3600, evaluator ratio 0.685 -> 0.773 and PSNR
     # 33.15 -> 34.12 dB on 260 held-out renders (benchmarks/ae_eval.py), for 7 more minutes.
     # decode_margin 1: the decoder's outermost pixels lag far behind its interior (dcae.DCAE.decode); decoding
     # with one replicated latent cell per side removes the error (training itself never calls decode).
-    "shapes-dcae": dict(task="dcae", data="data/shapes-256",
+    # anchor: the first 12 latent channels carry each cell's pooled colours less the image's median, so that an
+    # object's colour moves the latent as much as its shape does (train_dcae.DCAEOptions.anchor).
+    # shapes-256-g8: object centres on an 8 x 8 grid of cells (`sanaflow data shapes --grid 8`), one per latent cell.
+    # On it 2400 steps (~17 min) gave evaluator ratio 0.815 and 34.45 dB on the grid's held-out renders, the best
+    # AE so far (docs/bundled-model.md, ninth round).
+    "shapes-dcae": dict(task="dcae", data="data/shapes-256-g8",
                         model={"preset": "small", "widths": [8, 16, 32, 64, 128, 128], "vit_stages": [False] * 6,
                                "qkv_multiscales": [[]] * 6, "decode_margin": 1},
-                        steps=4200, decay_steps=600, batch_size=16, lr=3e-4, warmup_steps=100, grad_clip=1.0,
+                        steps=2400, decay_steps=400, batch_size=16, lr=3e-4, warmup_steps=100, grad_clip=1.0,
                         save_every=200,
                         options={"resolution": 256, "crop": 128, "eval_samples": 200, "stats_samples": 256,
-                                 "latent_l2": 1e-3}),
-    # The text encoder reads captions only; shapes-128 holds the same captions as shapes-256 (same seeds).
-    "shapes-text": dict(task="text", data="data/shapes-128", model="small", steps=500, batch_size=64, lr=1e-3,
+                                 "latent_l2": 1e-3, "anchor": 1.0, "anchor_gain": 2.0}),
+    # The text encoder reads captions only; shapes-128-g8 holds the same captions as shapes-256-g8 (same seeds).
+    "shapes-text": dict(task="text", data="data/shapes-128-g8", model="small", steps=500, batch_size=64, lr=1e-3,
                         warmup_steps=200, grad_clip=1.0, save_every=250),
     # text_max_length 64 = the text encoder's training length; shapes captions run up to ~73 tokens (13 on average).
     # Patch size 2 on the 8x8 latents: 16 tokens, the DiT cost of 128 px images (SANA's AE-F32C32 with P2, §1).
     # y_norm_init 1.0, not SANA's 0.01 (meant for Gemma-2-2B's large features; ours have RMS ~1): with 0.01 the
     # cross-attention stayed near-uniform for 6500 steps. At step 3000, held-out GenEval images passed 16/520
     # against 5/520 (docs/bundled-model.md).
-    "shapes-dit": dict(task="dit", data="data/shapes-256", model={"preset": "small", "sample_size": 8, "patch_size": 2},
-                       steps=3000,
+    "shapes-dit": dict(task="dit", data="data/shapes-256-g8",
+                       model={"preset": "small", "sample_size": 8, "patch_size": 2}, steps=3000,
                        batch_size=64, lr=5e-4, warmup_steps=300, grad_clip=1.0, save_every=250, ema_decay=0.999,
                        options={"vae": "runs/shapes-dcae/model", "text_encoder": "runs/shapes-text/model",
                                 "text_max_length": 64, "chi": False, "resolution": 256, "caption_dropout": 0.1,

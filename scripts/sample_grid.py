@@ -3,7 +3,7 @@
     python scripts/sample_grid.py --out docs/samples.png
     python scripts/sample_grid.py --model runs/pipe --seeds 0 1 --out grid.png
 
-Every image is generated at the CLI's defaults (20 Flow-DPM-Solver steps, guidance 4.5); prompts of the
+Every image is generated at the CLI's defaults (20 Flow-DPM-Solver steps, the model's guidance); prompts of the
 held-out kind (a "disc", a "plus sign", pairs never seen in training) are marked with *.
 """
 from __future__ import annotations
@@ -48,7 +48,7 @@ def main() -> None:
     sheet = Image.new("RGB", (cols * size, rows * (size + label)), "white")
     draw = ImageDraw.Draw(sheet)
     for k, (i, prompt, seed) in enumerate(jobs):
-        req = GenerateRequest(prompts=(prompt,), height=size, width=size, seeds=(seed,))
+        req = GenerateRequest(prompts=(prompt,), height=size, width=size, seeds=(seed,), guidance=pipe.guidance)
         image = (pipe.generate(req)[0].permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
         x, y = (k % cols) * size, (k // cols) * (size + label)
         sheet.paste(Image.fromarray(image), (x, y))

@@ -264,6 +264,7 @@ def test_saved_pipeline_is_a_diffusers_folder_with_the_same_images(tmp_path):
         mine, theirs = (json.loads((f / name).read_text()) for f in (folder, tmp_path / "resaved"))
         theirs.pop("_name_or_path", None)                   # where diffusers loaded from, added on re-saving
         mine.pop("_sanaflow_text_config", None)             # ours alone; diffusers drops "_" keys on loading
+        mine.pop("_sanaflow_guidance", None)
         assert mine == theirs, name
 
     prompts, steps = ["a red cat", "Apples on the mat"], 5
@@ -289,6 +290,30 @@ def test_saved_pipeline_round_trips_with_its_text_config(tmp_path, saved):
     assert torch.equal(back.generate(req), ours.generate(req))                 # same weights, same code
     assert Pipeline.from_pretrained(folder, text_config=TextConfig()).text.config == TextConfig()   # explicit wins
     assert Pipeline.from_pretrained(saved[1]).text.config == TextConfig()       # a folder diffusers wrote
+
+
+def test_the_folders_default_guidance_round_trips_and_the_cli_uses_it(tmp_path):
+    from click.testing import CliRunner
+    from PIL import Image
+
+    from sanaflow.cli import main
+    ours = our_pipeline()
+    ours.guidance = 1.0
+    folder = ours.save_pretrained(tmp_path / "sana")
+    assert Pipeline.from_pretrained(folder).guidance == 1.0
+    runner, out = CliRunner(), tmp_path / "a.png"
+    args = ["generate", "a red cat", "--model", str(folder), "-o", str(out), "--steps", "2", "--height", "32",
+            "--width", "32"]
+    assert runner.invoke(main, args).exit_code == 0
+    req = GenerateRequest(prompts=("a red cat",), height=32, width=32, steps=2, seeds=(0,), guidance=1.0)
+    image = torch.from_numpy(np.asarray(Image.open(out))).permute(2, 0, 1).float() / 255
+    assert Image.open(out).text["guidance"] == "1.0"
+    assert (image - ours.generate(req)[0]).abs().max() <= 1 / 255 + 1e-6       # guidance 1, not 4.5
+    assert runner.invoke(main, [*args, "--guidance", "3"]).exit_code == 0 and Image.open(out).text["guidance"] == "3.0"
+    index = json.loads((folder / "model_index.json").read_text())
+    (folder / "model_index.json").write_text(json.dumps({**index, "_sanaflow_guidance": "high"}))
+    with pytest.raises(CheckpointError, match=r"model_index\.json.*_sanaflow_guidance"):
+        Pipeline.from_pretrained(folder)
 
 
 def test_bad_stored_text_config_is_named(tmp_path):

@@ -84,6 +84,20 @@ def test_grid_scenes_sit_on_cell_centres_and_keep_the_geometry(grid):
     assert np.array_equal(a[0], b[0]) and a[1] == b[1]
 
 
+@pytest.mark.parametrize("max_objects", [1, 2])
+def test_max_objects_bounds_the_scenes_and_their_captions(max_objects):
+    rng = np.random.default_rng(4)
+    counts = {len(S.random_scene(rng, grid=8, max_objects=max_objects).objects) for _ in range(300)}
+    assert counts == set(range(1, max_objects + 1))
+    for i in range(20):
+        _, meta = S.sample(i, 64, seed=2, max_objects=max_objects)
+        assert 1 <= len(meta["scene"]["objects"]) <= max_objects
+    with pytest.raises(ValueError, match="max_objects=5"):
+        S.random_scene(np.random.default_rng(0), max_objects=5)
+    with pytest.raises(ValueError, match="max_objects=0"):
+        next(S.samples(1, 64, max_objects=0))
+
+
 def test_held_out_rule():
     train, held = scenes(1, 2000), scenes(2, 2000, held_out=True)
     assert not any(S.is_held_out_scene(sc) for sc in train)

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import time
 from pathlib import Path
 
@@ -35,9 +34,9 @@ def main() -> None:
 @click.option("--resolution-binning", is_flag=True,
               help="Generate at the nearest SANA aspect-ratio bin, then resize and crop to --height x --width.")
 @click.option("--dry-run", is_flag=True, help="Print the resolved request and exit.")
-def generate(prompt: str, out: Path, model: Path | None, steps: int, guidance: float | None, seed: int, height: int | None,
-             width: int | None, sampler: str, num_images: int, negative_prompt: str, resolution_binning: bool,
-             dry_run: bool) -> None:
+def generate(prompt: str, out: Path, model: Path | None, steps: int, guidance: float | None, seed: int,
+             height: int | None, width: int | None, sampler: str, num_images: int, negative_prompt: str,
+             resolution_binning: bool, dry_run: bool) -> None:
     """Generate an image from PROMPT and write it as a PNG (parameters go into its text metadata)."""
     from tqdm import tqdm
     from .pipeline import GenerateRequest, Pipeline, load_default, save_png
@@ -49,7 +48,6 @@ def generate(prompt: str, out: Path, model: Path | None, steps: int, guidance: f
                    "with RANDOM weights, so the image will be noise-like, not a picture of the prompt. "
                    "Pass --model PATH to a local diffusers-format SANA folder for real images.", err=True)
     size = pipe.native_size
-    guidance = pipe.guidance if guidance is None else guidance
     try:
         req = GenerateRequest(prompts=(prompt,), negative_prompt=negative_prompt, height=height or size,
                               width=width or size, steps=steps, guidance=guidance, sampler=sampler,
@@ -58,13 +56,14 @@ def generate(prompt: str, out: Path, model: Path | None, steps: int, guidance: f
     except ValueError as e:
         raise click.BadParameter(str(e)) from e
     if dry_run:
-        return click.echo(json.dumps({**dataclasses.asdict(req), "model": pipe.name}, indent=2))
+        return click.echo(json.dumps({**dataclasses.asdict(req), "guidance": pipe.guidance_of(req), "model": pipe.name},
+                                     indent=2))
     with tqdm(total=steps, desc="sampling", unit="step", leave=False) as bar:
         images = pipe.generate(req, callback=lambda i, n, x: bar.update(1))
     paths = [out] if num_images == 1 else [out.with_name(f"{out.stem}-{i}{out.suffix or '.png'}")
                                            for i in range(num_images)]
     for image, path, s in zip(images, paths, req.seeds):
-        meta = {"prompt": prompt, "negative_prompt": negative_prompt, "steps": steps, "guidance": guidance,
+        meta = {"prompt": prompt, "negative_prompt": negative_prompt, "steps": steps, "guidance": pipe.guidance_of(req),
                 "seed": s, "sampler": sampler, "height": req.height, "width": req.width,
                 "resolution_binning": resolution_binning, "model": pipe.name,
                 "software": "sanaflow"}
@@ -128,7 +127,6 @@ def evaluate(model: Path | None, prompts_file: Path | None, split: str, per_cate
 
     pipe = Pipeline.from_pretrained(model) if model is not None else load_default()
     prompts = load_prompts(prompts_file) if prompts_file else prompt_set(split == "held-out", seed, per_category)
-    guidance = pipe.guidance if guidance is None else guidance
 
     def generate_fn(texts: list[str], seeds: list[int]) -> np.ndarray:
         req = GenerateRequest(prompts=tuple(texts), height=pipe.native_size, width=pipe.native_size, steps=steps,
@@ -138,7 +136,7 @@ def evaluate(model: Path | None, prompts_file: Path | None, split: str, per_cate
     report = evaluate_pipeline(generate_fn, prompts, images_per_prompt=images_per_prompt, seed=seed)
     write_report(report, out)
     recall = report.item_recall()
-    click.echo(f"guidance {guidance:g}, {steps} {sampler} steps")
+    click.echo(f"guidance {pipe.guidance if guidance is None else guidance:g}, {steps} {sampler} steps")
     click.echo(f"overall {report.overall:.3f} ({len(prompts)} prompts x {images_per_prompt} images); item recall "
                f"{recall['shape']:.3f} by shape, {recall['shape_color']:.3f} by shape and colour; report in {out}")
 
@@ -220,10 +218,7 @@ def export(run: Path, out: Path, dtype: str, weights: str, guidance: float) -> N
     from .checkpoint import CheckpointError
     from .train_dit import pipeline_from_run
     try:
-        pipe = pipeline_from_run(run, weights)
-        pipe.guidance = float(guidance)
-        if not math.isfinite(pipe.guidance):
-            raise ValueError(f"guidance={guidance!r}: must be a finite number")
+        pipe = pipeline_from_run(run, weights, guidance)
     except (ValueError, FileNotFoundError, OSError, CheckpointError) as e:
         raise click.ClickException(str(e)) from e
     to = getattr(torch, dtype)

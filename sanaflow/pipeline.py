@@ -123,7 +123,7 @@ class GenerateRequest:
     height: int = 1024
     width: int = 1024
     steps: int = 20
-    guidance: float = 4.5
+    guidance: float | None = None           # None: the pipeline's own default (Pipeline.guidance)
     seeds: tuple[int, ...] = (0,)           # one per image: len(prompts) * images_per_prompt
     sampler: str = "dpm"
     images_per_prompt: int = 1
@@ -141,8 +141,8 @@ class GenerateRequest:
                                  f"or ask for resolution_binning")
         if not isinstance(self.steps, int) or self.steps < 1:
             raise ValueError(f"steps={self.steps!r}: must be an integer >= 1")
-        if not (isinstance(self.guidance, (int, float)) and float(self.guidance) == float(self.guidance)
-                and abs(self.guidance) != float("inf")):
+        if self.guidance is not None and not (isinstance(self.guidance, (int, float))
+                                              and not isinstance(self.guidance, bool) and math.isfinite(self.guidance)):
             raise ValueError(f"guidance={self.guidance!r}: must be a finite number")
         if self.sampler not in SAMPLERS:
             raise ValueError(f"sampler={self.sampler!r}: must be one of {sorted(SAMPLERS)}")
@@ -227,10 +227,10 @@ def _library_class(part) -> list[str]:
 class Pipeline:
     def __init__(self, dit: DiT, vae: DCAE, text: TextEncoder, flow_shift: float = 3.0, name: str = "",
                  guidance: float = 4.5):
-        """guidance: this model's default classifier-free guidance scale (what the CLI uses unless told)."""
+        """guidance: this model's default classifier-free guidance scale (for requests that give none)."""
         if dit.cfg.in_channels != vae.cfg.latent_channels:
             raise ValueError(f"dit.in_channels={dit.cfg.in_channels} != vae.latent_channels={vae.cfg.latent_channels}")
-        if not math.isfinite(guidance):
+        if isinstance(guidance, bool) or not isinstance(guidance, (int, float)) or not math.isfinite(guidance):
             raise ValueError(f"guidance={guidance!r}: must be a finite number")
         self.dit, self.vae, self.text, self.flow_shift, self.name = dit, vae, text, flow_shift, name
         self.guidance = float(guidance)
@@ -308,10 +308,15 @@ class Pipeline:
         """The training resolution: the DiT's latent sample_size times the autoencoder's compression."""
         return self.dit.cfg.sample_size * self.vae.cfg.compression
 
+    def guidance_of(self, req: GenerateRequest) -> float:
+        """The guidance scale a request runs at: its own, else this model's default."""
+        return float(self.guidance if req.guidance is None else req.guidance)
+
     def _guided_velocity(self, req: GenerateRequest, integer_t: bool) -> ModelFn:
         """The request's prompts, negative prompt and guidance as one model_fn over flow time."""
         c = self.text.encode_for_cfg(list(req.prompts), req.negative_prompt, req.images_per_prompt)
-        return classifier_free(self.dit, c.text, c.text_mask, c.null_text, c.null_mask, float(req.guidance), integer_t)
+        return classifier_free(self.dit, c.text, c.text_mask, c.null_text, c.null_mask, self.guidance_of(req),
+                               integer_t)
 
     @torch.no_grad()
     def generate(self, req: GenerateRequest, latents: Tensor | None = None, callback: Callback | None = None,

@@ -235,7 +235,8 @@ def _place(rng: np.random.Generator, sizes: list[str], grid: int = 0,
 
 def random_scene(rng: np.random.Generator, held_out: bool = False, grid: int = 0,
                  max_objects: int = MAX_OBJECTS) -> Scene:
-    """1 to max_objects objects (a smaller world for curriculum experiments); `held_out=False` never uses a HELD_OUT_PAIRS pair, `held_out=True` always uses at least one.
+    """1 to max_objects objects (fewer: a smaller world for curriculum experiments); `held_out=False` never uses a
+    HELD_OUT_PAIRS pair, `held_out=True` always uses at least one.
     grid > 0 puts every centre on a cell centre of a grid x grid lattice instead of anywhere. With grid = the
     latent side (8 at 256 px for a 32x autoencoder) each object sits at the same phase of the latent grid, so an
     object has one latent pattern per position instead of a continuum: a smaller world for a small model."""

@@ -271,13 +271,13 @@ def _pad_stack(latents: list[Tensor]) -> Tensor:
     return torch.stack([F.pad(z, (0, w - z.shape[2], 0, h - z.shape[1])) for z in latents])
 
 
-def pipeline_from_run(run: str | Path, weights: str = "export"):
+def pipeline_from_run(run: str | Path, weights: str = "export", guidance: float = 4.5):
     """The whole text-to-image pipeline a DiT run trained for: its DiT, the frozen autoencoder and text encoder it
     was trained on, and the text settings and flow shift it used (run/config.json).
 
     weights: "export" = run/model (the EMA when the run keeps one); "raw" = the newest checkpoint's trained weights,
     "ema" = its EMA. At 3000 steps on the shapes data the raw weights sampled better than an EMA of decay 0.999
-    (docs/bundled-model.md, eighth round), so both are worth evaluating."""
+    (docs/bundled-model.md, eighth round), so both are worth evaluating. guidance: the pipeline's default scale."""
     from . import checkpoint
     from .hub import load_dcae, load_dit
     from .pipeline import Pipeline
@@ -300,4 +300,4 @@ def pipeline_from_run(run: str | Path, weights: str = "export"):
         if weights == "ema" and ema is None:
             raise ValueError(f"{ckpt}: weights='ema', but this run kept no EMA (ema_decay 0)")
         dit.load_state_dict(raw if weights == "raw" else ema)
-    return Pipeline(dit, load_dcae(o.vae), text_encoder(o), flow_shift=o.flow_shift, name=str(run))
+    return Pipeline(dit, load_dcae(o.vae), text_encoder(o), flow_shift=o.flow_shift, name=str(run), guidance=guidance)

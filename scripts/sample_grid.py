@@ -48,7 +48,7 @@ def main() -> None:
     sheet = Image.new("RGB", (cols * size, rows * (size + label)), "white")
     draw = ImageDraw.Draw(sheet)
     for k, (i, prompt, seed) in enumerate(jobs):
-        req = GenerateRequest(prompts=(prompt,), height=size, width=size, seeds=(seed,), guidance=pipe.guidance)
+        req = GenerateRequest(prompts=(prompt,), height=size, width=size, seeds=(seed,))
         image = (pipe.generate(req)[0].permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
         x, y = (k % cols) * size, (k // cols) * (size + label)
         sheet.paste(Image.fromarray(image), (x, y))

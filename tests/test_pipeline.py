@@ -309,6 +309,9 @@ def test_the_folders_default_guidance_round_trips_and_the_cli_uses_it(tmp_path):
     image = torch.from_numpy(np.asarray(Image.open(out))).permute(2, 0, 1).float() / 255
     assert Image.open(out).text["guidance"] == "1.0"
     assert (image - ours.generate(req)[0]).abs().max() <= 1 / 255 + 1e-6       # guidance 1, not 4.5
+    unset = dataclasses.replace(req, guidance=None)                             # a request without a scale
+    assert torch.equal(ours.generate(unset), ours.generate(req))
+    assert not torch.equal(ours.generate(unset), ours.generate(dataclasses.replace(req, guidance=4.5)))
     assert runner.invoke(main, [*args, "--guidance", "3"]).exit_code == 0 and Image.open(out).text["guidance"] == "3.0"
     index = json.loads((folder / "model_index.json").read_text())
     (folder / "model_index.json").write_text(json.dumps({**index, "_sanaflow_guidance": "high"}))

@@ -183,15 +183,19 @@ TRAIN_PRESETS: dict[str, dict] = {
                         options={"resolution": 256, "crop": 128, "eval_samples": 200, "stats_samples": 256,
                                  "latent_l2": 1e-3, "anchor": 1.0, "anchor_gain": 2.0}),
     # The text encoder reads captions only; shapes-128-g8 holds the same captions as shapes-256-g8 (same seeds).
-    "shapes-text": dict(task="text", data="data/shapes-128-g8", model="small", steps=500, batch_size=64, lr=1e-3,
-                        warmup_steps=200, grad_clip=1.0, save_every=250),
+    # corpus: the held-out split's captions, text only, standing in for an LLM's pretraining text (the words
+    # "disc", "plus sign", ... of held-out prompts; train_text.py). 800 steps: twice the text of the 500 before.
+    "shapes-text": dict(task="text", data="data/shapes-128-g8", model="small", steps=800, batch_size=64, lr=1e-3,
+                        warmup_steps=200, grad_clip=1.0, save_every=250,
+                        options={"corpus": "data/shapes-64-heldout"}),
     # text_max_length 64 = the text encoder's training length; shapes captions run up to ~73 tokens (13 on average).
     # Patch size 2 on the 8x8 latents: 16 tokens, the DiT cost of 128 px images (SANA's AE-F32C32 with P2, §1).
     # y_norm_init 1.0, not SANA's 0.01 (meant for Gemma-2-2B's large features; ours have RMS ~1): with 0.01 the
     # cross-attention stayed near-uniform for 6500 steps. At step 3000, held-out GenEval images passed 16/520
-    # against 5/520 (docs/bundled-model.md).
+    # against 5/520 (docs/bundled-model.md). 9000 steps, the last 2000 cooling the LR to 0: the DiT was undertrained
+    # at 3000-6500 constant-LR steps, and the cool-down alone doubled its score (ninth and tenth rounds).
     "shapes-dit": dict(task="dit", data="data/shapes-256-g8",
-                       model={"preset": "small", "sample_size": 8, "patch_size": 2}, steps=3000,
+                       model={"preset": "small", "sample_size": 8, "patch_size": 2}, steps=9000, decay_steps=2000,
                        batch_size=64, lr=5e-4, warmup_steps=300, grad_clip=1.0, save_every=250, ema_decay=0.999,
                        options={"vae": "runs/shapes-dcae/model", "text_encoder": "runs/shapes-text/model",
                                 "text_max_length": 64, "chi": False, "resolution": 256, "caption_dropout": 0.1,

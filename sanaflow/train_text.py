@@ -8,6 +8,12 @@ Every caption of a training sample is one sequence `<bos> caption <eos>`: <bos> 
 position 0 (§3.4), <eos> so that the LM learns where captions stop. The last `holdout` fraction of samples (reader
 order) is kept out of the tokenizer and the LM; `run/text_metrics.json` reports the next-token loss on it.
 
+`options.corpus` adds a second data set whose captions only the text encoder reads: the stand-in for an LLM's
+pretraining text. SANA's Gemma-2 knows "disc" and "plus sign" from the web; an encoder trained on the DiT's
+captions alone has never seen the held-out split's words (shapes.HELD_OUT_SHAPE_WORDS), so no DiT could follow a
+prompt that uses them. With the held-out split's captions as corpus (text only: the DiT and the AE never see its
+scenes), the encoder learns those words from their contexts, as an LLM does (docs/bundled-model.md, tenth round).
+
 `options.pair_captions` (an experiment, in no preset) makes each sequence two captions of one sample,
 `<bos> A <eos> B <eos>`: predicting B, another phrasing in another word order, needs the scene A describes, in
 the hope that A's hidden states (what the DiT reads) then carry which colour and place belong to which shape more
@@ -134,6 +140,7 @@ class TextTask:
         holdout: float = 0.05      # last fraction of samples kept out of training, for text_metrics.json
         lowercase: bool = TextConfig().lowercase   # must match the TextConfig the encoder is used with (§3.2)
         pair_captions: bool = False   # sequences of two captions of one sample, `<bos> A <eos> B <eos>` (see above)
+        corpus: str = ""           # a data folder whose captions join the training text (see above); "" = none
 
         def __post_init__(self):
             for name in ("vocab_size", "max_tokens"):
@@ -156,8 +163,14 @@ class TextTask:
         path = Path(self.cfg.data)
         samples, reader, skipped = read_captions(path, self.opt.lowercase)
         n_held = max(1, round(self.opt.holdout * len(samples)))
-        fit = [t for s in samples[:len(samples) - n_held] for t in s]
-        held = [t for s in samples[len(samples) - n_held:] for t in s]
+        extra = read_captions(Path(self.opt.corpus), self.opt.lowercase)[0] if self.opt.corpus else []
+        if self.opt.corpus and not extra:
+            raise DataError(f"options.corpus={self.opt.corpus!r}: no captions in it")
+        # The corpus trains the tokenizer and the LM; the held-out loss stays on `data`'s own captions.
+        samples = samples[:len(samples) - n_held] + extra + samples[len(samples) - n_held:]
+        n_fit = len(samples) - n_held
+        fit = [t for s in samples[:n_fit] for t in s]
+        held = [t for s in samples[n_fit:] for t in s]
         if len(fit) < self.cfg.batch_size:
             raise DataError(f"data={str(path)!r}: {len(samples)} samples with captions ({n_held} held out) give "
                             f"{len(fit)} training captions, fewer than batch_size={self.cfg.batch_size}; "
@@ -177,12 +190,13 @@ class TextTask:
         self.ids, self.lengths, cut = tokenize(self.tokenizer, fit, self.opt.max_tokens)
         self.held_ids, self.held_lengths, _ = tokenize(self.tokenizer, held, self.opt.max_tokens)
         if self.opt.pair_captions:        # batches of samples; sample i owns captions first[i] .. first[i + 1] - 1
-            counts = torch.tensor([len(s) for s in samples[:len(samples) - n_held]])
+            counts = torch.tensor([len(s) for s in samples[:n_fit]])
             self.first = torch.cat([torch.zeros(1, dtype=torch.long), counts.cumsum(0)])
             self.order = BatchOrder({"text": torch.arange(len(counts))}, self.cfg.batch_size, self.cfg.seed)
         else:
             self.order = BatchOrder({"text": torch.arange(len(fit))}, self.cfg.batch_size, self.cfg.seed)
-        return {"reader": reader, "samples": len(samples), "train_captions": len(fit), "heldout_captions": len(held),
+        return {"reader": reader, "samples": len(samples) - len(extra), "corpus_samples": len(extra),
+                "train_captions": len(fit), "heldout_captions": len(held),
                 "vocab_size": len(self.tokenizer), "truncated_captions": cut, "skipped": skipped}
 
     def build_model(self) -> nn.Module:

@@ -237,3 +237,27 @@ def test_bad_model_and_options_name_the_field(data_dir, tmp_path):
         text_config(data_dir, options={"vocab_size": 100})
     with pytest.raises(ValueError, match="holdout"):
         text_config(data_dir, options={"holdout": 0})
+
+
+def test_a_text_corpus_teaches_words_the_captions_never_use(data_dir, tmp_path):
+    """options.corpus: held-out captions as text only. Its words ("disc", never in a training caption) enter the
+    tokenizer and the LM, while the held-out loss stays on `data`'s own captions."""
+    corpus = tmp_path / "corpus"
+    data.write_wds(shapes.samples(200, 32, held_out=True), corpus, shard_size=100)
+    assert any(" disc" in c["text"] for _, m in shapes.samples(200, 32, held_out=True) for c in m["captions"])
+    plain = TextTask(text_config(data_dir), tmp_path / "plain", DistEnv())
+    plain_info = plain.prepare()
+    task = TextTask(text_config(data_dir, options={"corpus": str(corpus)}), tmp_path / "run", DistEnv())
+    info = task.prepare()
+    assert info["samples"] == plain_info["samples"] == 200 and info["corpus_samples"] == 200
+    assert info["train_captions"] > plain_info["train_captions"]
+    assert info["heldout_captions"] == plain_info["heldout_captions"]
+    def held(t):                                                     # token ids differ, the texts do not
+        return [t.tokenizer.decode(ids[1:n - 1]) for ids, n in zip(t.held_ids.tolist(), t.held_lengths)]
+    assert held(task) == held(plain)
+    assert len(plain.tokenizer.tokenize(" disc")) > 1                # a word the plain tokenizer never met
+    assert task.tokenizer.tokenize(" disc") == ["Ġdisc"]             # learned from the corpus
+
+    with pytest.raises(DataError, match="nowhere"):
+        TextTask(text_config(data_dir, options={"corpus": str(tmp_path / "nowhere")}), tmp_path / "r2",
+                 DistEnv()).prepare()

@@ -74,7 +74,8 @@ def main() -> None:
     print(f"| load the pipeline (from_pretrained) | {med(loads):.3f} |")
     print(f"| one image, prompt to pixels | **{med(whole):.3f}** |")
     print(f"| - text encoder (prompt + negative) | {med(text):.3f} |")
-    print(f"| - sampler ({args.steps} steps x 2 branches) | {med(whole) - med(text) - med(decode):.3f} |")
+    calls = "1 DiT call" if pipe.guidance_of(req) == 1 else "2 branches"    # guidance 1: no null branch
+    print(f"| - sampler ({args.steps} steps x {calls}) | {med(whole) - med(text) - med(decode):.3f} |")
     print(f"| - DC-AE decode | {med(decode):.3f} |")
     print(f"| `import sanaflow.pipeline` in a fresh process | {med(imports):.3f} |")
     print(f"| whole `sanaflow generate` command, spawn to exit | **{med(command):.3f}** |")

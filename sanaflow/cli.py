@@ -44,8 +44,8 @@ def generate(prompt: str, out: Path, model: Path | None, steps: int, guidance: f
     start = time.perf_counter()
     pipe = Pipeline.from_pretrained(model) if model is not None else load_default()
     if pipe.name == "random-small":
-        click.echo("note: no trained model is bundled with this version of sanaflow yet; using a small pipeline "
-                   "with RANDOM weights, so the image will be noise-like, not a picture of the prompt. "
+        click.echo("note: the bundled model (sanaflow/assets/model) is missing from this installation; using a "
+                   "small pipeline with RANDOM weights, so the image will be noise-like, not a picture of the prompt. "
                    "Pass --model PATH to a local diffusers-format SANA folder for real images.", err=True)
     size = pipe.native_size
     try:

@@ -115,6 +115,11 @@ def resize_and_crop(images: Tensor, height: int, width: int) -> Tensor:
     return images[..., top:top + height, left:left + width]
 
 
+def _finite_number(value) -> bool:
+    """A guidance scale: an int or float (not a bool), finite."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
 @dataclasses.dataclass(frozen=True)
 class GenerateRequest:
     """One generation call; validates itself so that errors name the parameter."""
@@ -141,8 +146,7 @@ class GenerateRequest:
                                  f"or ask for resolution_binning")
         if not isinstance(self.steps, int) or self.steps < 1:
             raise ValueError(f"steps={self.steps!r}: must be an integer >= 1")
-        if self.guidance is not None and not (isinstance(self.guidance, (int, float))
-                                              and not isinstance(self.guidance, bool) and math.isfinite(self.guidance)):
+        if self.guidance is not None and not _finite_number(self.guidance):
             raise ValueError(f"guidance={self.guidance!r}: must be a finite number")
         if self.sampler not in SAMPLERS:
             raise ValueError(f"sampler={self.sampler!r}: must be one of {sorted(SAMPLERS)}")
@@ -169,7 +173,7 @@ GUIDANCE_KEY = "_sanaflow_guidance"
 def _guidance_from_index(index: dict, path: Path) -> float:
     from .hub import CheckpointError
     value = index.get(GUIDANCE_KEY, 4.5)
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+    if not _finite_number(value):
         raise CheckpointError(f"{path}: {GUIDANCE_KEY}={value!r} must be a finite number")
     return float(value)
 
@@ -230,7 +234,7 @@ class Pipeline:
         """guidance: this model's default classifier-free guidance scale (for requests that give none)."""
         if dit.cfg.in_channels != vae.cfg.latent_channels:
             raise ValueError(f"dit.in_channels={dit.cfg.in_channels} != vae.latent_channels={vae.cfg.latent_channels}")
-        if isinstance(guidance, bool) or not isinstance(guidance, (int, float)) or not math.isfinite(guidance):
+        if not _finite_number(guidance):
             raise ValueError(f"guidance={guidance!r}: must be a finite number")
         self.dit, self.vae, self.text, self.flow_shift, self.name = dit, vae, text, flow_shift, name
         self.guidance = float(guidance)

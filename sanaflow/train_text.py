@@ -172,7 +172,8 @@ class TextTask:
         fit = [t for s in samples[:n_fit] for t in s]
         held = [t for s in samples[n_fit:] for t in s]
         if len(fit) < self.cfg.batch_size:
-            raise DataError(f"data={str(path)!r}: {len(samples)} samples with captions ({n_held} held out) give "
+            raise DataError(f"data={str(path)!r}: {len(samples) - len(extra)} samples with captions ({n_held} held "
+                            f"out, {len(extra)} more in options.corpus) give "
                             f"{len(fit)} training captions, fewer than batch_size={self.cfg.batch_size}; "
                             f"skipped: {skipped or 'none'}")
         folder, recipe = self.run / "tokenizer", {"vocab_size": self.opt.vocab_size, "lowercase": self.opt.lowercase,

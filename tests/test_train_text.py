@@ -252,6 +252,7 @@ def test_a_text_corpus_teaches_words_the_captions_never_use(data_dir, tmp_path):
     assert info["samples"] == plain_info["samples"] == 200 and info["corpus_samples"] == 200
     assert info["train_captions"] > plain_info["train_captions"]
     assert info["heldout_captions"] == plain_info["heldout_captions"]
+
     def held(t):                                                     # token ids differ, the texts do not
         return [t.tokenizer.decode(ids[1:n - 1]) for ids, n in zip(t.held_ids.tolist(), t.held_lengths)]
     assert held(task) == held(plain)

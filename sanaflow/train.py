@@ -185,9 +185,12 @@ TRAIN_PRESETS: dict[str, dict] = {
     # The text encoder reads captions only; shapes-128-g8 holds the same captions as shapes-256-g8 (same seeds).
     # corpus: the held-out split's captions, text only, standing in for an LLM's pretraining text (the words
     # "disc", "plus sign", ... of held-out prompts; train_text.py). 800 steps: twice the text of the 500 before.
+    # pair_captions: the corpus alone taught those words' tokens, not their meaning (a shape probe fitted on the
+    # training words scored 0.000 on "disc"/"plus sign"); with pairs of captions of one scene it scored 1.000
+    # (benchmarks/text_binding.py; docs/bundled-model.md, tenth round).
     "shapes-text": dict(task="text", data="data/shapes-128-g8", model="small", steps=800, batch_size=64, lr=1e-3,
                         warmup_steps=200, grad_clip=1.0, save_every=250,
-                        options={"corpus": "data/shapes-64-heldout"}),
+                        options={"corpus": "data/shapes-64-heldout", "pair_captions": True}),
     # text_max_length 64 = the text encoder's training length; shapes captions run up to ~73 tokens (13 on average).
     # Patch size 2 on the 8x8 latents: 16 tokens, the DiT cost of 128 px images (SANA's AE-F32C32 with P2, §1).
     # y_norm_init 1.0, not SANA's 0.01 (meant for Gemma-2-2B's large features; ours have RMS ~1): with 0.01 the

@@ -14,10 +14,12 @@ captions alone has never seen the held-out split's words (shapes.HELD_OUT_SHAPE_
 prompt that uses them. With the held-out split's captions as corpus (text only: the DiT and the AE never see its
 scenes), the encoder learns those words from their contexts, as an LLM does (docs/bundled-model.md, tenth round).
 
-`options.pair_captions` (an experiment, in no preset) makes each sequence two captions of one sample,
-`<bos> A <eos> B <eos>`: predicting B, another phrasing in another word order, needs the scene A describes, in
-the hope that A's hidden states (what the DiT reads) then carry which colour and place belong to which shape more
-loudly. benchmarks/text_binding.py found them no louder (docs/bundled-model.md, sixth round).
+`options.pair_captions` makes each sequence two captions of one sample, `<bos> A <eos> B <eos>`: predicting B,
+another phrasing in another word order, needs the scene A describes. Without a corpus, benchmarks/text_binding.py
+found A's hidden states (what the DiT reads) no more telling of which colour and place belong to which shape
+(docs/bundled-model.md, sixth round). With the corpus it is what ties a word the captions never use to its shape:
+a shape probe fitted on training words scored 0.000 on "disc"/"plus sign" from single captions, 1.000 from pairs
+(tenth round). shapes-text uses both.
 """
 from __future__ import annotations
 

@@ -197,7 +197,7 @@ TRAIN_PRESETS: dict[str, dict] = {
     # cross-attention stayed near-uniform for 6500 steps. At step 3000, held-out GenEval images passed 16/520
     # against 5/520 (docs/bundled-model.md). 9000 steps, the last 2000 cooling the LR to 0: the DiT was undertrained
     # at 3000-6500 constant-LR steps, and the cool-down alone doubled its score (ninth and tenth rounds).
-    # lr 1e-3: at 5e-4 the loss was still falling at 9000 steps; 1e-3 was lower at every step (0.186 vs 0.193 over the
+    # lr 1e-3: at 5e-4 the loss was still falling at 9000 steps; 1e-3 was lower at every step (0.185 vs 0.193 over the
     # last 250) and raised the training-split score from 0.335 to 0.394, held-out 0.159 -> 0.284 (twelfth round).
     "shapes-dit": dict(task="dit", data="data/shapes-256-g8",
                        model={"preset": "small", "sample_size": 8, "patch_size": 2}, steps=9000, decay_steps=2000,

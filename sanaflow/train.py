@@ -192,7 +192,10 @@ TRAIN_PRESETS: dict[str, dict] = {
                         warmup_steps=200, grad_clip=1.0, save_every=250,
                         options={"corpus": "data/shapes-64-heldout", "pair_captions": True}),
     # text_max_length 64 = the text encoder's training length; shapes captions run up to ~73 tokens (13 on average).
-    # Patch size 2 on the 8x8 latents: 16 tokens, the DiT cost of 128 px images (SANA's AE-F32C32 with P2, §1).
+    # Patch size 1 and width 128 on the 8x8 latents: 64 tokens, one per latent cell, so one token per object on the
+    # --grid 8 data, at the per-image cost of patch 2 and width 256 (16 tokens). SANA's released models are P1 too
+    # (AE-F32C32P1, paper §2.1.2). At equal steps the training-split score rose from 0.394 (patch 2) to 0.495, two
+    # objects 12/40 -> 23/40 (thirteenth round).
     # y_norm_init 1.0, not SANA's 0.01 (meant for Gemma-2-2B's large features; ours have RMS ~1): with 0.01 the
     # cross-attention stayed near-uniform for 6500 steps. At step 3000, held-out GenEval images passed 16/520
     # against 5/520 (docs/bundled-model.md). 9000 steps, the last 2000 cooling the LR to 0: the DiT was undertrained
@@ -200,7 +203,8 @@ TRAIN_PRESETS: dict[str, dict] = {
     # lr 1e-3: at 5e-4 the loss was still falling at 9000 steps; 1e-3 was lower at every step (0.185 vs 0.193 over the
     # last 250) and raised the training-split score from 0.335 to 0.394, held-out 0.159 -> 0.284 (twelfth round).
     "shapes-dit": dict(task="dit", data="data/shapes-256-g8",
-                       model={"preset": "small", "sample_size": 8, "patch_size": 2}, steps=9000, decay_steps=2000,
+                       model={"preset": "small", "sample_size": 8, "patch_size": 1, "width": 128},
+                       steps=9000, decay_steps=2000,
                        batch_size=64, lr=1e-3, warmup_steps=300, grad_clip=1.0, save_every=250, ema_decay=0.999,
                        options={"vae": "runs/shapes-dcae/model", "text_encoder": "runs/shapes-text/model",
                                 "text_max_length": 64, "chi": False, "resolution": 256, "caption_dropout": 0.1,

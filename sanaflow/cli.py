@@ -190,10 +190,13 @@ def train(preset: str | None, config_file: Path | None, out: Path | None, data: 
     out = out or Path("runs") / (preset or config_file.stem)
     if dry_run:
         return click.echo(json.dumps({"out": str(out), **cfg.to_dict()}, indent=2))
+    env = tr.setup_distributed(device)
     try:
-        summary = tr.train(cfg, out, env=tr.setup_distributed(device), require_checkpoint=resume)
+        summary = tr.train(cfg, out, env=env, require_checkpoint=resume)
     except (tr.DataError, tr.TrainingError, FileNotFoundError) as e:
         raise click.ClickException(str(e)) from e
+    finally:
+        env.close()
     if summary.get("rank", 0) == 0:
         last = "nothing left to train" if summary["loss"] != summary["loss"] else f"last loss {summary['loss']:.4g}"
         click.echo(f"trained {cfg.task} to step {summary['step']} ({last}); model in {out / 'model'}")

@@ -16,6 +16,7 @@ NVlabs configs also ship.
 """
 from __future__ import annotations
 
+import atexit
 import copy
 import dataclasses
 import hashlib
@@ -397,6 +398,12 @@ class DistEnv:
         if error is not None:
             raise error
 
+    def close(self) -> None:
+        """Leave the process group. A gloo process that exits while still in it can abort (SIGABRT) when the
+        interpreter tears down the group's worker threads, failing a run that trained fine."""
+        if self.world > 1 and dist.is_initialized():
+            dist.destroy_process_group()
+
     def mean(self, x: Tensor) -> Tensor:
         if self.world > 1:
             x = x.clone()
@@ -413,9 +420,12 @@ def setup_distributed(device: str = "auto") -> DistEnv:
     dev = torch.device(f"cuda:{local_rank}" if cuda else "cpu")
     if cuda:
         torch.cuda.set_device(dev)
+    env = DistEnv(0, world, dev)
     if world > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if cuda else "gloo")
-    return DistEnv(dist.get_rank() if world > 1 else 0, world, dev)
+        atexit.register(env.close)      # a safety net for callers that never call env.close()
+    env.rank = dist.get_rank() if world > 1 else 0
+    return env
 
 
 def _wrap(model: nn.Module, cfg: TrainConfig, env: DistEnv) -> nn.Module:

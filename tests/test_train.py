@@ -266,11 +266,13 @@ def test_two_torchrun_processes_match_one_process(frozen, tmp_path, parallel):
     (tmp_path / "cfg.json").write_text(json.dumps(cfg.to_dict()))
     script = tmp_path / "run_rank.py"
     script.write_text(
-        "import sys\nfrom safetensors.torch import save_file\nfrom sanaflow import train as tr\n"
+        "import sys\nimport torch\nfrom safetensors.torch import save_file\nfrom sanaflow import train as tr\n"
         "cfg = tr.load_config(sys.argv[1])\nenv = tr.setup_distributed('cpu')\n"
         "model = tr.train(cfg, sys.argv[2], env=env, progress=False)['model']\n"
         "if cfg.parallel == 'ddp':   # each rank writes the full copy it holds\n"
-        "    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, f'{sys.argv[2]}/rank{env.rank}.st')\n")
+        "    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, f'{sys.argv[2]}/rank{env.rank}.st')\n"
+        "env.close()   # leaves the group: a gloo process exiting inside it can abort\n"
+        "assert not torch.distributed.is_initialized()\n")
     env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(_free_port()),
            str(script), str(tmp_path / "cfg.json"), str(tmp_path / "multi")]

@@ -16,7 +16,7 @@ from sanaflow.data import cover_crop, write_wds
 from sanaflow.dcae import DCAE, DCAE_PRESETS
 from sanaflow.hub import load_dcae
 from sanaflow.train import DataError, DistEnv, TrainConfig, train
-from sanaflow.train_dcae import DCAETask, psnr
+from sanaflow.train_dcae import DCAETask, edge_loss, psnr
 
 ONE_THREAD = True                           # tests/conftest.py: tiny models, one torch thread
 
@@ -244,6 +244,34 @@ def test_latent_penalty_adds_its_term_and_bounds_the_latent(data, tmp_path):
         with torch.no_grad():
             stds.append(out["model"].encoder(images(range(N - N_EVAL))).std().item())
     assert stds[1] < 0.7 * stds[0], stds
+
+
+def test_edge_loss_ignores_flat_offsets_and_weighs_outlines():
+    x = -torch.ones(1, 3, 16, 16)
+    x[..., 4:12, 4:12] = 1                                     # a white square on black
+    assert edge_loss(x + 0.3, x).item() == pytest.approx(0.0, abs=1e-7)      # flat offset: no edge error
+    # The square one pixel wider: a 2-high step along one column in each of 8 rows and 3 channels
+    wider = x.clone()
+    wider[..., 4:12, 12] = 1
+    dx = 2 * (2 * 8 * 3) / (3 * 16 * 15)                       # the step's two neighbour differences per row
+    dy = 2 * (2 * 3) / (3 * 15 * 16)                           # the new pixels' top and bottom edges
+    assert edge_loss(wider, x).item() == pytest.approx(dx + dy, rel=1e-6)
+    with pytest.raises(ValueError, match="options.edge"):
+        train_dcae.DCAEOptions(edge=-1.0)
+
+
+def test_edge_weight_adds_its_term_to_the_loss(data, tmp_path):
+    task = DCAETask(config(data, {"edge": 2.0}), tmp_path / "a", DistEnv())
+    task.prepare()
+    torch.manual_seed(0)
+    model = task.build_model()
+    batch = task.batch(0, torch.Generator())
+    x = batch["images"]
+    with torch.no_grad():
+        recon = model.decoder(model.encoder(x))
+        err = recon - x
+        expected = err.abs().mean() + err.square().mean() + 2.0 * edge_loss(recon, x)
+        assert torch.allclose(task.loss(model, batch), expected, rtol=1e-6)
 
 
 def test_latent_noise_is_relative_to_the_latent_rms_drawn_per_step_and_split_across_ranks(data, tmp_path):

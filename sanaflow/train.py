@@ -420,11 +420,12 @@ def setup_distributed(device: str = "auto") -> DistEnv:
     dev = torch.device(f"cuda:{local_rank}" if cuda else "cpu")
     if cuda:
         torch.cuda.set_device(dev)
-    env = DistEnv(0, world, dev)
-    if world > 1 and not dist.is_initialized():
+    joined = world > 1 and not dist.is_initialized()
+    if joined:
         dist.init_process_group("nccl" if cuda else "gloo")
+    env = DistEnv(dist.get_rank() if world > 1 else 0, world, dev)
+    if joined:
         atexit.register(env.close)      # a safety net for callers that never call env.close()
-    env.rank = dist.get_rank() if world > 1 else 0
     return env
 
 

@@ -225,8 +225,9 @@ def test_psnr_and_cover_crop_closed_forms():
     assert (out[1, :, 4:28] == 255).all() and (out[[0, 2], :, 4:28] == 0).all()
 
 
-def test_latent_penalty_adds_its_term_and_bounds_the_latent(data, tmp_path):
-    task = DCAETask(config(data, {"latent_l2": 0.5}), tmp_path / "a", DistEnv())
+def first_batch_loss(data, path, options):
+    """A fresh model's task loss on the first batch, with the images, latents and reconstructions behind it."""
+    task = DCAETask(config(data, options), path, DistEnv())
     task.prepare()
     torch.manual_seed(0)
     model = task.build_model()
@@ -234,9 +235,14 @@ def test_latent_penalty_adds_its_term_and_bounds_the_latent(data, tmp_path):
     x = batch["images"]
     with torch.no_grad():
         z = model.encoder(x)
-        err = model.decoder(z) - x
-        expected = err.abs().mean() + err.square().mean() + 0.5 * z.square().mean()
-        assert torch.allclose(task.loss(model, batch), expected, rtol=1e-6)
+        return task.loss(model, batch), x, z, model.decoder(z)
+
+
+def test_latent_penalty_adds_its_term_and_bounds_the_latent(data, tmp_path):
+    loss, x, z, recon = first_batch_loss(data, tmp_path / "a", {"latent_l2": 0.5})
+    err = recon - x
+    expected = err.abs().mean() + err.square().mean() + 0.5 * z.square().mean()
+    assert torch.allclose(loss, expected, rtol=1e-6)
     # Trained with and without it, the same run: the penalty keeps the latent smaller.
     stds = []
     for weight in (0.0, 0.5):
@@ -261,17 +267,10 @@ def test_edge_loss_ignores_flat_offsets_and_weighs_outlines():
 
 
 def test_edge_weight_adds_its_term_to_the_loss(data, tmp_path):
-    task = DCAETask(config(data, {"edge": 2.0}), tmp_path / "a", DistEnv())
-    task.prepare()
-    torch.manual_seed(0)
-    model = task.build_model()
-    batch = task.batch(0, torch.Generator())
-    x = batch["images"]
-    with torch.no_grad():
-        recon = model.decoder(model.encoder(x))
-        err = recon - x
-        expected = err.abs().mean() + err.square().mean() + 2.0 * edge_loss(recon, x)
-        assert torch.allclose(task.loss(model, batch), expected, rtol=1e-6)
+    loss, x, _, recon = first_batch_loss(data, tmp_path / "a", {"edge": 2.0})
+    err = recon - x
+    expected = err.abs().mean() + err.square().mean() + 2.0 * edge_loss(recon, x)
+    assert torch.allclose(loss, expected, rtol=1e-6)
 
 
 def test_latent_noise_is_relative_to_the_latent_rms_drawn_per_step_and_split_across_ranks(data, tmp_path):

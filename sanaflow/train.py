@@ -174,12 +174,13 @@ TRAIN_PRESETS: dict[str, dict] = {
     # anchor: the first 12 latent channels carry each cell's pooled colours less the image's median, so that an
     # object's colour moves the latent as much as its shape does (train_dcae.DCAEOptions.anchor).
     # shapes-256-g8: object centres on an 8 x 8 grid of cells (`sanaflow data shapes --grid 8`), one per latent cell.
-    # On it 2400 steps (~17 min) gave evaluator ratio 0.815 and 34.45 dB on the grid's held-out renders, the best
-    # AE so far (docs/bundled-model.md, ninth round).
+    # On it 2400 steps (~17 min) gave evaluator ratio 0.815 and 34.45 dB on the grid's held-out renders (ninth
+    # round); 3600 steps with a 600-step cool-down (~30 min) give 0.892 and 35.96 dB, crosses read as squares 9 -> 1
+    # and hexagons read as discs 34 -> 23 of 260 renders (docs/bundled-model.md, fourteenth round).
     "shapes-dcae": dict(task="dcae", data="data/shapes-256-g8",
                         model={"preset": "small", "widths": [8, 16, 32, 64, 128, 128], "vit_stages": [False] * 6,
                                "qkv_multiscales": [[]] * 6, "decode_margin": 1},
-                        steps=2400, decay_steps=400, batch_size=16, lr=3e-4, warmup_steps=100, grad_clip=1.0,
+                        steps=3600, decay_steps=600, batch_size=16, lr=3e-4, warmup_steps=100, grad_clip=1.0,
                         save_every=200,
                         options={"resolution": 256, "crop": 128, "eval_samples": 200, "stats_samples": 256,
                                  "latent_l2": 1e-3, "anchor": 1.0, "anchor_gain": 2.0}),

@@ -18,7 +18,7 @@ done
 $S train --preset shapes-dcae --out runs/shapes-dcae
 $S train --preset shapes-text --out runs/shapes-text
 $S train --preset shapes-dit --out runs/shapes-dit
-# The raw weights (they beat the EMA at every step count) and guidance 2, chosen on the training split: 0.459 at 1.5,
-# 0.495 at 2 and at 3 (docs/bundled-model.md, thirteenth round; 4.5 scored lower on earlier DiTs).
+# The raw weights (they beat the EMA at every step count) and guidance 2, chosen on the training split: 0.534 at 2,
+# 0.488 at 3 (docs/bundled-model.md, fifteenth round; 1.5 and 4.5 scored lower on earlier DiTs).
 $S export runs/shapes-dit --out sanaflow/assets/model --dtype float16 --weights raw --guidance 2.0
 $S eval --model sanaflow/assets/model --split held-out --images-per-prompt 4 --out runs/eval-held-out

@@ -33,10 +33,15 @@ def main() -> None:
 @click.option("--negative-prompt", default="", help="Text to steer away from.")
 @click.option("--resolution-binning", is_flag=True,
               help="Generate at the nearest SANA aspect-ratio bin, then resize and crop to --height x --width.")
+@click.option("--candidates", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Noise search: draw this many starting noises per image and keep the best by --search "
+                   "(costs about that many generations; docs/noise-search.md).")
+@click.option("--search", "search_score", type=click.Choice(["stability", "curvature", "prompt"]),
+              default="stability", show_default=True, help="The score that picks among --candidates.")
 @click.option("--dry-run", is_flag=True, help="Print the resolved request and exit.")
 def generate(prompt: str, out: Path, model: Path | None, steps: int, guidance: float | None, seed: int,
              height: int | None, width: int | None, sampler: str, num_images: int, negative_prompt: str,
-             resolution_binning: bool, dry_run: bool) -> None:
+             resolution_binning: bool, candidates: int, search_score: str, dry_run: bool) -> None:
     """Generate an image from PROMPT and write it as a PNG (parameters go into its text metadata)."""
     from tqdm import tqdm
     from .pipeline import GenerateRequest, Pipeline, load_default, save_png
@@ -55,17 +60,26 @@ def generate(prompt: str, out: Path, model: Path | None, steps: int, guidance: f
                               resolution_binning=resolution_binning)
     except ValueError as e:
         raise click.BadParameter(str(e)) from e
+    search = {"candidates": candidates, "search": search_score} if candidates > 1 else {}
     if dry_run:
-        return click.echo(json.dumps({**dataclasses.asdict(req), "guidance": pipe.guidance_of(req), "model": pipe.name},
-                                     indent=2))
-    with tqdm(total=steps, desc="sampling", unit="step", leave=False) as bar:
-        images = pipe.generate(req, callback=lambda i, n, x: bar.update(1))
+        return click.echo(json.dumps({**dataclasses.asdict(req), "guidance": pipe.guidance_of(req), "model": pipe.name,
+                                      **search}, indent=2))
+    seeds = req.seeds
+    if candidates > 1:
+        from .noise_search import search as noise_search
+        found = noise_search(pipe, req, candidates, search_score)
+        images, seeds = pipe.decode(found.latents, req.height, req.width), found.seeds
+    else:
+        with tqdm(total=steps, desc="sampling", unit="step", leave=False) as bar:
+            images = pipe.generate(req, callback=lambda i, n, x: bar.update(1))
     paths = [out] if num_images == 1 else [out.with_name(f"{out.stem}-{i}{out.suffix or '.png'}")
                                            for i in range(num_images)]
-    for image, path, s in zip(images, paths, req.seeds):
+    for image, path, s in zip(images, paths, seeds):
+        # "seed" is the seed of the noise the image was drawn from (with a search, the kept candidate's): plain
+        # generation with it redraws the image
         meta = {"prompt": prompt, "negative_prompt": negative_prompt, "steps": steps, "guidance": pipe.guidance_of(req),
                 "seed": s, "sampler": sampler, "height": req.height, "width": req.width,
-                "resolution_binning": resolution_binning, "model": pipe.name,
+                "resolution_binning": resolution_binning, "model": pipe.name, **search,
                 "software": "sanaflow"}
         save_png(image, path, meta)
         click.echo(f"wrote {path} ({req.width}x{req.height}, seed {s})")

@@ -57,18 +57,28 @@ def dit_velocity(dit: DiT, text: Tensor, mask: Tensor | None, integer_t: bool) -
     return model_fn
 
 
+def velocity_pair(dit: DiT, text: Tensor, mask: Tensor, null_text: Tensor, null_mask: Tensor,
+                  integer_t: bool) -> Callable[[Tensor, Tensor], tuple[Tensor, Tensor]]:
+    """(x, t) -> (v_null, v_text): both branches in one batched call, ordered [null, text] as diffusers."""
+    both = dit_velocity(dit, torch.cat([null_text, text]), torch.cat([null_mask, mask]), integer_t)
+
+    def pair_fn(x: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
+        v_null, v_text = both(torch.cat([x, x]), torch.cat([t, t])).chunk(2)
+        return v_null, v_text
+    return pair_fn
+
+
 def classifier_free(dit: DiT, text: Tensor, mask: Tensor, null_text: Tensor, null_mask: Tensor,
                     scale: float, integer_t: bool) -> ModelFn:
     """Classifier-free guidance (Ho & Salimans, arXiv 2207.12598) as one batched model_fn.
 
-    v = v_null + scale * (v_text - v_null). Both branches run in one call, ordered [null, text] as diffusers.
-    scale == 1 is the conditional model alone (one call)."""
+    v = v_null + scale * (v_text - v_null). scale == 1 is the conditional model alone (one call)."""
     if scale == 1:
         return dit_velocity(dit, text, mask, integer_t)
-    both = dit_velocity(dit, torch.cat([null_text, text]), torch.cat([null_mask, mask]), integer_t)
+    pair = velocity_pair(dit, text, mask, null_text, null_mask, integer_t)
 
     def model_fn(x: Tensor, t: Tensor) -> Tensor:
-        v_null, v_text = both(torch.cat([x, x]), torch.cat([t, t])).chunk(2)
+        v_null, v_text = pair(x, t)
         return v_null + scale * (v_text - v_null)
     return model_fn
 
@@ -322,29 +332,36 @@ class Pipeline:
         return classifier_free(self.dit, c.text, c.text_mask, c.null_text, c.null_mask, self.guidance_of(req),
                                integer_t)
 
-    @torch.no_grad()
-    def generate(self, req: GenerateRequest, latents: Tensor | None = None, callback: Callback | None = None,
-                 output: str = "image") -> Tensor:
-        """Images (B, 3, H, W) in [0, 1] (or the final latents with output="latent")."""
-        sampler, grid, integer_t = SAMPLERS[req.sampler]
+    def latent_shape(self, req: GenerateRequest) -> tuple[int, int, int]:
+        """(C, h, w) of the request's latents: its size, snapped to an aspect-ratio bin if it asks for binning."""
         f = self.vae.cfg.compression
         # Bins are chosen by the DiT's sample_size as diffusers does (16, 32, 64, 128 -> the 512 ... 4096 tables).
         height, width = snap_to_bin(req.height, req.width, 32 * self.dit.cfg.sample_size) if req.resolution_binning \
             else (req.height, req.width)
         if height % f or width % f:
             raise ValueError(f"height={height}, width={width}: must be multiples of {f} for this autoencoder")
+        return self.dit.cfg.in_channels, height // f, width // f
+
+    @torch.no_grad()
+    def generate(self, req: GenerateRequest, latents: Tensor | None = None, callback: Callback | None = None,
+                 output: str = "image") -> Tensor:
+        """Images (B, 3, H, W) in [0, 1] (or the final latents with output="latent")."""
+        sampler, grid, integer_t = SAMPLERS[req.sampler]
+        shape = self.latent_shape(req)
         model_fn = self._guided_velocity(req, integer_t)
-        shape = (self.dit.cfg.in_channels, height // f, width // f)
         if latents is None:
             latents = initial_noise(req.seeds, shape)
         elif tuple(latents.shape) != (len(req.seeds), *shape):
             raise ValueError(f"latents: shape {tuple(latents.shape)} != {(len(req.seeds), *shape)}")
         device = next(self.dit.parameters()).device
         x = sampler(model_fn, latents.float().to(device), grid(req.steps, self.flow_shift).to(device), callback)
-        if output == "latent":
-            return x
+        return x if output == "latent" else self.decode(x, req.height, req.width)
+
+    @torch.no_grad()
+    def decode(self, latents: Tensor, height: int, width: int) -> Tensor:
+        """Final latents (B, C, h, w) -> images (B, 3, height, width) in [0, 1] (resized and cropped if binned)."""
         vae_dtype = next(self.vae.parameters()).dtype
-        images = resize_and_crop(self.vae.decode(x.to(vae_dtype)).float(), req.height, req.width)
+        images = resize_and_crop(self.vae.decode(latents.to(vae_dtype)).float(), height, width)
         return (images * 0.5 + 0.5).clamp(0, 1)
 
     @torch.no_grad()

@@ -230,6 +230,26 @@ def test_cli_generate_writes_a_png_with_its_parameters(saved, tmp_path):
     assert bad.exit_code != 0 and "height=48" in bad.output
 
 
+def test_cli_generate_with_noise_search_writes_the_kept_candidate(saved, tmp_path):
+    from click.testing import CliRunner
+    from PIL import Image
+    from sanaflow.cli import main
+    from sanaflow.noise_search import candidate_seeds
+    _, path = saved
+    out = tmp_path / "cat.png"
+    result = CliRunner().invoke(main, ["generate", "a red cat", "--model", str(path), "-o", str(out), "--steps", "3",
+                                       "--seed", "2", "--height", "32", "--width", "32", "--candidates", "3",
+                                       "--search", "curvature"])
+    assert result.exit_code == 0, result.output
+    image = Image.open(out)
+    kept = int(image.text["seed"])
+    assert kept in candidate_seeds(2, 3) and image.text["candidates"] == "3" and image.text["search"] == "curvature"
+    expected = Pipeline.from_pretrained(path).generate(GenerateRequest(
+        prompts=("a red cat",), height=32, width=32, steps=3, seeds=(kept,)))[0]
+    pixels = torch.from_numpy(np.asarray(image)).permute(2, 0, 1).float() / 255
+    assert (pixels - expected).abs().max() <= 1 / 255 + 1e-4                  # the PNG redraws from its own seed
+
+
 # ---- Pipeline.save_pretrained: a SanaPipeline folder that diffusers and we both load ---------------------------------
 
 

@@ -26,9 +26,7 @@ import numpy as np
 import torch
 
 from sanaflow.geneval import check, detect, items_found, prompt_set
-from sanaflow.noise_search import SCORES, score_samples
-
-PROBE_TS, INVERSION_STEPS = (0.3, 0.5, 0.7, 0.9), 5     # score_samples' defaults
+from sanaflow.noise_search import SCORES, extra_rows, score_samples
 from sanaflow.pipeline import GenerateRequest, Pipeline, load_default
 
 
@@ -86,8 +84,7 @@ def main() -> None:
 
     # cost of each score per candidate in network rows (a guided step is 2), as a fraction of a generation's; the
     # budgets use these counts (wall-clock on a busy machine is too noisy to set them). Wall-clock: below.
-    rows = {"prompt": 2 * len(PROBE_TS), "stability": INVERSION_STEPS, "curvature": 0}
-    extra = {s: rows[s] / (2 * args.steps) for s in SCORES}
+    extra = {s: extra_rows(s) / (2 * args.steps) for s in SCORES}
     probe = request(jobs[:8])
     wall = {name: [] for name in ("generate", *SCORES)}
     for _ in range(3):                                              # interleaved repeats; the median is reported
@@ -100,7 +97,7 @@ def main() -> None:
     start = time.perf_counter()
     for b in range(0, len(jobs), args.batch):
         chunk = jobs[b:b + args.batch]
-        out = score_samples(pipe, request(chunk), probe_ts=PROBE_TS, inversion_steps=INVERSION_STEPS)
+        out = score_samples(pipe, request(chunk))
         images = (pipe.decode(out.latents, size, size).permute(0, 2, 3, 1).numpy() * 255).round().astype(np.uint8)
         for row, ((i, _), im) in enumerate(zip(chunk, images)):
             k = (b + row) % m

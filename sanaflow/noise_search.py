@@ -36,6 +36,7 @@ from .pipeline import (
     SAMPLERS,
     GenerateRequest,
     Pipeline,
+    classifier_free,
     dit_velocity,
     initial_noise,
     velocity_pair,
@@ -45,6 +46,13 @@ from .samplers import ModelFn, euler, flow_times
 SCORES = ("prompt", "stability", "curvature")
 PairFn = Callable[[Tensor, Tensor], tuple[Tensor, Tensor]]
 PROBE_SEED = 2 ** 31 - 1      # the probe noise of "prompt": one fixed draw, the same for every candidate
+PROBE_TS = (0.3, 0.5, 0.7, 0.9)     # where "prompt" re-noises the sample
+INVERSION_STEPS = 5                 # Flow-Euler steps of the "stability" inversion
+
+
+def extra_rows(score: str, probe_ts: Sequence[float] = PROBE_TS, inversion_steps: int = INVERSION_STEPS) -> int:
+    """Network rows a score adds to one candidate (a guided generation costs 2 * steps)."""
+    return {"prompt": 2 * len(probe_ts), "stability": inversion_steps, "curvature": 0}[score]
 
 
 def candidate_seeds(seed: int, candidates: int) -> list[int]:
@@ -99,7 +107,7 @@ class Scored:
 
 @torch.no_grad()
 def score_samples(pipe: Pipeline, req: GenerateRequest, scores: Sequence[str] = SCORES,
-                  probe_ts: Sequence[float] = (0.3, 0.5, 0.7, 0.9), inversion_steps: int = 5) -> Scored:
+                  probe_ts: Sequence[float] = PROBE_TS, inversion_steps: int = INVERSION_STEPS) -> Scored:
     """Generate the request's images as latents (one per seed, as Pipeline.generate does) and score each."""
     unknown = [s for s in scores if s not in SCORES]
     if unknown:
@@ -110,14 +118,8 @@ def score_samples(pipe: Pipeline, req: GenerateRequest, scores: Sequence[str] = 
     shape = pipe.latent_shape(req)
     device = next(pipe.dit.parameters()).device
     c = pipe.text.encode_for_cfg(list(req.prompts), req.negative_prompt, req.images_per_prompt)
-    scale = pipe.guidance_of(req)
-    pair = velocity_pair(pipe.dit, c.text, c.text_mask, c.null_text, c.null_mask, integer_t)
-
-    def guided(x: Tensor, t: Tensor) -> Tensor:
-        v_null, v_text = pair(x, t)
-        return v_null + scale * (v_text - v_null)
-
-    model_fn, velocities = recording(guided)
+    model_fn, velocities = recording(classifier_free(pipe.dit, c.text, c.text_mask, c.null_text, c.null_mask,
+                                                     pipe.guidance_of(req), integer_t))
     noise = initial_noise(req.seeds, shape).to(device)
     x0 = sampler(model_fn, noise, grid(req.steps, pipe.flow_shift).to(device))
     out = {}
@@ -129,6 +131,7 @@ def score_samples(pipe: Pipeline, req: GenerateRequest, scores: Sequence[str] = 
         out["stability"] = stability(cond, noise, x0, flow_times(inversion_steps, pipe.flow_shift).to(device))
     if "prompt" in scores:
         probe = initial_noise([PROBE_SEED] * len(x0), shape).to(device)
+        pair = velocity_pair(pipe.dit, c.text, c.text_mask, c.null_text, c.null_mask, integer_t)
         out["prompt"] = prompt_gain(pair, x0, probe, probe_ts).mean(0)
     return Scored(noise, x0, out)
 
@@ -144,25 +147,24 @@ class SearchResult:
 def search(pipe: Pipeline, req: GenerateRequest, candidates: int, score: str = "stability",
            batch_size: int | None = None) -> SearchResult:
     """For each image of `req`, generate `candidates` samples and keep the best by `score` (one of SCORES).
-    batch_size: candidate rows generated per call (None: all at once)."""
+    batch_size: candidate rows generated per call, rounded up to whole prompts (None: all at once); each prompt is
+    encoded once per call, not once per candidate."""
     if not isinstance(candidates, int) or isinstance(candidates, bool) or candidates < 1:
         raise ValueError(f"candidates={candidates!r}: must be an integer >= 1")
     if score not in SCORES:
         raise ValueError(f"score={score!r}: must be one of {SCORES}")
-    n = candidates
-    # rows: image-major, candidates of one image together; prompts repeat per image as encode_for_cfg orders them
-    rows = [(req.prompts[i // req.images_per_prompt], s) for i, seed in enumerate(req.seeds)
-            for s in candidate_seeds(seed, n)]
-    step = batch_size or len(rows)
+    n, per = candidates, req.images_per_prompt * candidates         # per: rows of one prompt
+    # rows: image-major, the candidates of one image together, as encode_for_cfg repeats each prompt `per` times
+    seeds = [s for seed in req.seeds for s in candidate_seeds(seed, n)]
+    step = max(1, (batch_size or len(seeds)) // per)                # prompts per call
     latents, values = [], []
-    for start in range(0, len(rows), step):
-        chunk = rows[start:start + step]
-        sub = dataclasses.replace(req, prompts=tuple(p for p, _ in chunk), seeds=tuple(s for _, s in chunk),
-                                  images_per_prompt=1)
+    for a in range(0, len(req.prompts), step):
+        sub = dataclasses.replace(req, prompts=req.prompts[a:a + step], seeds=tuple(seeds[a * per:(a + step) * per]),
+                                  images_per_prompt=per)
         scored = score_samples(pipe, sub, (score,))
         latents.append(scored.latents)
         values.append(scored.scores[score])
     z = torch.cat(latents).unflatten(0, (len(req.seeds), n))                        # (B, N, C, h, w)
     v = torch.cat(values).view(len(req.seeds), n)                                  # (B, N)
     best = v.argmax(1)                                                              # (B,)
-    return SearchResult(z[torch.arange(len(z)), best], tuple(rows[i * n + int(k)][1] for i, k in enumerate(best)), v)
+    return SearchResult(z[torch.arange(len(z)), best], tuple(seeds[i * n + int(k)] for i, k in enumerate(best)), v)
